@@ -1,0 +1,93 @@
+"""Which model to load, and loading it with an error that says what to do.
+
+Model ids are configuration: a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``) or a local
+folder in the same layout. In smoke mode, ``resolve`` swaps a preset for its tiny stand-in; the
+loading code below is the same either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import tiny
+
+
+@dataclass(frozen=True)
+class Preset:
+    model_id: str
+    prediction_type: str  # what the UNet predicts: "epsilon" (SD 1.x) or "v_prediction" (SD 2.x)
+    resolution: int       # the resolution it was trained at
+    note: str
+
+
+SD_PRESETS = {
+    "sd15": Preset("stable-diffusion-v1-5/stable-diffusion-v1-5", "epsilon", 512,
+                   "SD 1.5: epsilon prediction, 512 px. Fits a T4 for full UNet fine-tuning."),
+    "sd2": Preset("stabilityai/stable-diffusion-2", "v_prediction", 768,
+                  "SD 2 (the source talk's base model): v-prediction, trained at 768 px; fine-tune at 512 on a T4."),
+    "sd2-base": Preset("stabilityai/stable-diffusion-2-base", "epsilon", 512,
+                       "SD 2 base: epsilon prediction, 512 px."),
+}
+BLIP_PRESETS = {
+    "blip-base": "Salesforce/blip-image-captioning-base",
+    "blip-large": "Salesforce/blip-image-captioning-large",
+}
+
+
+def resolve(name_or_id: str, smoke: bool) -> str:
+    """A preset name, hub id or folder -> what ``from_pretrained`` should load.
+
+    In smoke mode every Stable Diffusion model becomes the tiny pipeline of the same prediction
+    type and every BLIP model the tiny BLIP, so notebooks run on a CPU without the hub.
+    """
+    if name_or_id in SD_PRESETS:
+        preset = SD_PRESETS[name_or_id]
+        return tiny.sd_path(preset.prediction_type) if smoke else preset.model_id
+    if name_or_id in BLIP_PRESETS:
+        return tiny.blip_path() if smoke else BLIP_PRESETS[name_or_id]
+    if smoke and "blip" in name_or_id.lower():
+        return tiny.blip_path()
+    if smoke and "/" in name_or_id and not _is_local(name_or_id):
+        v_pred = any(p.model_id == name_or_id and p.prediction_type == "v_prediction" for p in SD_PRESETS.values())
+        return tiny.sd_path("v_prediction" if v_pred else "epsilon")
+    return name_or_id
+
+
+def _is_local(path: str) -> bool:
+    from pathlib import Path
+    return Path(path).exists()
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+def explain_load_error(model_id: str, error: Exception) -> ModelLoadError:
+    """Turn the hub's exceptions into a message a learner can act on."""
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if isinstance(error, GatedRepoError):
+        why = (f"'{model_id}' is gated: accept its licence on https://huggingface.co/{model_id} while "
+               "logged in, then log in here (huggingface_hub.login(), or a Colab secret named HF_TOKEN).")
+    elif isinstance(error, RepositoryNotFoundError):
+        why = (f"No repository '{model_id}' on the hub (or it is private). Check the spelling, or pass a local "
+               "folder that holds model_index.json.")
+    elif isinstance(error, LocalEntryNotFoundError):
+        why = (f"'{model_id}' is not in the local cache and the hub cannot be reached. Connect to the internet, "
+               "or pass a local folder with the model.")
+    else:
+        why = f"Loading '{model_id}' failed: {type(error).__name__}: {error}"
+    return ModelLoadError(why)
+
+
+def load_pipeline(model_id: str, dtype=None, device=None, **kwargs):
+    """``StableDiffusionPipeline.from_pretrained`` with safetensors only, no safety checker, clear errors."""
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model_id, torch_dtype=dtype, use_safetensors=True, safety_checker=None,
+            requires_safety_checker=False, **kwargs)
+    except (OSError, ValueError) as e:  # the hub errors derive from OSError / HTTPError
+        raise explain_load_error(model_id, e) from e
+    return pipe.to(device) if device is not None else pipe

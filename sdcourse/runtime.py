@@ -1,0 +1,125 @@
+"""Where the course runs: smoke mode, the GPU and its dtype, the outputs folder, Colab niceties.
+
+Every notebook starts with ``rt = runtime.setup(smoke=SMOKE)``, which prints what it found.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DRIVE_ROOT = Path("/content/drive")
+
+
+def smoke_from_env() -> bool:
+    """True when SDCOURSE_SMOKE=1: tiny models, the sample data, a handful of steps."""
+    return os.environ.get("SDCOURSE_SMOKE", "0").strip() == "1"
+
+
+def in_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
+@dataclass
+class Runtime:
+    smoke: bool
+    device: torch.device
+    dtype: torch.dtype  # the half precision to compute in (fp16 on a T4, bf16 where supported, fp32 on CPU)
+    gpu_name: str | None
+    gpu_free_gib: float | None
+    outputs: Path
+
+    def path(self, *parts: str) -> Path:
+        """A path under the outputs folder (created), e.g. ``rt.path("dataset")``."""
+        p = self.outputs.joinpath(*parts)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on GPUs without bf16 (the T4), bf16 where the GPU has it, fp32 on CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def default_outputs(use_drive: bool) -> Path:
+    """$SDCOURSE_OUTPUTS, else Drive's MyDrive/sdcourse when mounted, else ./outputs next to the notebooks."""
+    if "SDCOURSE_OUTPUTS" in os.environ:
+        return Path(os.environ["SDCOURSE_OUTPUTS"])
+    if use_drive:
+        return DRIVE_ROOT / "MyDrive" / "sdcourse"
+    if Path.cwd().name == "notebooks":  # a clone: keep outputs at the repo root, out of notebooks/
+        return Path.cwd().parent / "outputs"
+    return Path.cwd() / "outputs"
+
+
+def setup(smoke: bool | None = None, use_drive: bool = False, outputs: str | Path | None = None) -> Runtime:
+    """Detect the GPU, choose the dtype, mount Drive if asked (Colab only), create the outputs folder."""
+    smoke = smoke_from_env() if smoke is None else smoke
+    if use_drive:
+        if not in_colab():
+            print("USE_DRIVE is only for Colab; keeping outputs on this machine.")
+            use_drive = False
+        else:
+            from google.colab import drive  # only exists in Colab
+            drive.mount(str(DRIVE_ROOT))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu_name = gpu_free = None
+    if device.type == "cuda":
+        gpu_name = torch.cuda.get_device_name(0)
+        free, total = torch.cuda.mem_get_info()
+        gpu_free = free / 2**30
+        print(f"GPU: {gpu_name}, {gpu_free:.1f} of {total / 2**30:.1f} GiB free")
+    else:
+        print("No GPU: running on the CPU." + ("" if smoke else
+              " The real models need a GPU: in Colab, Runtime > Change runtime type > T4 GPU."))
+    rt = Runtime(smoke=smoke, device=device, dtype=pick_dtype(device), gpu_name=gpu_name,
+                 gpu_free_gib=gpu_free, outputs=Path(outputs) if outputs else default_outputs(use_drive))
+    rt.outputs.mkdir(parents=True, exist_ok=True)
+    print(f"Compute dtype: {str(rt.dtype).removeprefix('torch.')}; smoke mode: {'on' if smoke else 'off'}; "
+          f"outputs: {rt.outputs}")
+    return rt
+
+
+def free_memory() -> None:
+    """Give cached GPU memory back after deleting a model (``del model; free_memory()``)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def stale_packages() -> list[str]:
+    """Packages imported in this process whose installed version changed since (after a pip install)."""
+    stale = []
+    for dist in ("torch", "numpy", "transformers", "diffusers", "accelerate", "huggingface_hub",
+                 "pillow", "PIL", "pandas", "ipywidgets", "peft", "safetensors", "tokenizers"):
+        module = sys.modules.get(dist)
+        loaded = getattr(module, "__version__", None)
+        if loaded is None:
+            continue
+        try:
+            installed = importlib.metadata.version("pillow" if dist == "PIL" else dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if installed != loaded:
+            stale.append(f"{dist} {loaded} -> {installed}")
+    return stale
+
+
+def restart_if_stale() -> None:
+    """After ``pip install``: restart the Colab runtime only if an already-loaded package changed."""
+    stale = stale_packages()
+    if not stale:
+        return
+    print("Restarting the runtime because these loaded packages changed:", ", ".join(stale))
+    print("Run the notebook again from the top after the restart.")
+    if in_colab():
+        os.kill(os.getpid(), 9)  # Colab restarts a killed kernel by itself
