@@ -89,6 +89,19 @@ def setup(smoke: bool | None = None, use_drive: bool = False, outputs: str | Pat
     return rt
 
 
+def find_dataset(rt: Runtime) -> Path:
+    """Notebook 01/02's dataset (``outputs/dataset``) when it exists, else the bundled sample, saying so."""
+    from .sample_data import sample_dataset_dir
+
+    built = rt.outputs / "dataset"
+    if (built / "metadata.csv").exists():
+        print(f"Using the dataset built in notebooks 01-02: {built}")
+        return built
+    sample = sample_dataset_dir()
+    print(f"No dataset at {built} yet (run notebooks 01 and 02 to build your own); using the bundled sample: {sample}")
+    return sample
+
+
 def free_memory() -> None:
     """Give cached GPU memory back after deleting a model (``del model; free_memory()``)."""
     gc.collect()
