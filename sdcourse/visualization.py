@@ -1,19 +1,188 @@
-"""Pictures: labelled image grids, plots, denoising steps.
+"""Pictures: labelled image grids saved with their settings, latent previews, GIFs, plots.
 
-(Interface stub from the foundation; issue 5 fills this module in. Keep ``image_grid``'s signature:
-notebooks 01 and 03 call it.)
+Every grid is a plain PIL image (shown inline by Jupyter, saved as PNG); every plot is a matplotlib
+figure with a title and labelled axes.
 """
 
 from __future__ import annotations
 
-from PIL import Image
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+# Linear map from the 4 channels of an SD 1.x latent (scaled by the VAE's 0.18215) to RGB, the 4x3
+# factors ComfyUI uses for its cheap previews (comfy/latent_formats.py, class SD15), fitted by
+# regressing decoded pixels on latents. SD 2.x shares the SD 1.x VAE, so they fit it too.
+SD1_LATENT_RGB_FACTORS = torch.tensor([
+    #  R        G        B
+    [0.3512, 0.2297, 0.3227],
+    [0.3250, 0.4974, 0.2350],
+    [-0.2829, 0.1762, 0.2721],
+    [-0.2120, -0.2616, -0.7177],
+])
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)  # a scalable font since Pillow 10.1
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """Break ``text`` into lines no wider than ``width`` pixels (a single long word stays whole)."""
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and draw.textlength(candidate, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return "\n".join(lines + [line])
 
 
 def image_grid(images: list[Image.Image], rows: int, cols: int, row_labels: list[str] | None = None,
-               col_labels: list[str] | None = None, title: str | None = None) -> Image.Image:
-    """Paste images row-major into one labelled picture (labels come with issue 5)."""
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
+               col_labels: list[str] | None = None, title: str | None = None, *,
+               font_size: int | None = None) -> Image.Image:
+    """Paste images row-major into one picture, with a title on top, column titles and row titles.
+
+    Cells take the size of the largest image; smaller ones are centred, never stretched. The font
+    scales with the cell (about 1/14 of its height, at least 14 px) so labels stay readable at any size.
+    """
+    if len(images) != rows * cols:
+        raise ValueError(f"image_grid got {len(images)} images for {rows} rows x {cols} columns.")
+    for name, labels, n in (("row_labels", row_labels, rows), ("col_labels", col_labels, cols)):
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"{name} has {len(labels)} entries for {n} {name[:3]}s.")
+    cell_w = max(img.width for img in images)
+    cell_h = max(img.height for img in images)
+    size = font_size or max(14, cell_h // 14)
+    font, title_font = _font(size), _font(round(size * 1.3))
+    pad = size // 2
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def block_height(text, fnt, width):
+        box = measure.multiline_textbbox((0, 0), _wrap(measure, text, fnt, width), font=fnt)
+        return box[3] + 2 * pad
+
+    left = max((measure.textlength(s, font=font) for s in row_labels), default=0) if row_labels else 0
+    left = min(int(left) + 2 * pad, 2 * cell_w) if row_labels else 0  # very long row titles wrap instead
+    col_h = max(block_height(s, font, cell_w - 2 * pad) for s in col_labels) if col_labels else 0
+    grid_w = left + cols * cell_w
+    title_h = block_height(title, title_font, grid_w - 2 * pad) if title else 0
+
+    grid = Image.new("RGB", (grid_w, title_h + col_h + rows * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.multiline_text((pad, pad), _wrap(draw, title, title_font, grid_w - 2 * pad), fill="black", font=title_font)
+    for c, label in enumerate(col_labels or []):
+        x = left + c * cell_w + cell_w // 2
+        draw.multiline_text((x, title_h + pad), _wrap(draw, label, font, cell_w - 2 * pad), fill="black",
+                            font=font, anchor="ma", align="center")
+    for r, label in enumerate(row_labels or []):
+        y = title_h + col_h + r * cell_h + cell_h // 2
+        draw.multiline_text((pad, y), _wrap(draw, label, font, left - 2 * pad), fill="black", font=font, anchor="lm")
     for i, img in enumerate(images):
-        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+        r, c = divmod(i, cols)
+        x = left + c * cell_w + (cell_w - img.width) // 2
+        y = title_h + col_h + r * cell_h + (cell_h - img.height) // 2
+        grid.paste(img.convert("RGB"), (x, y))
     return grid
+
+
+def save_with_settings(image: Image.Image, path: str | Path, settings: dict) -> Path:
+    """Save ``image`` as PNG and the settings that made it beside it (same name, ``.json``)."""
+    path = Path(path).with_suffix(".png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    path.with_suffix(".json").write_text(json.dumps(settings, indent=2, default=str) + "\n")
+    return path
+
+
+def enlarge(image: Image.Image, min_side: int = 256) -> Image.Image:
+    """Scale a small image up by a whole factor (nearest neighbour: pixels stay visible squares)."""
+    factor = max(1, -(-min_side // min(image.size)))
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
+def latents_to_rgb(latents: torch.Tensor, scale: int = 8) -> Image.Image:
+    """The cheap preview: a [4, h, w] latent through the linear 4->3 map, no VAE, upscaled ``scale`` x.
+
+    Each latent pixel stands for an 8x8 patch, so the preview is blocky and its colours are only
+    roughly right: this is why samplers' live previews look like blurry mosaics until the end.
+    """
+    rgb = torch.einsum("chw,cr->rhw", latents.float().cpu(), SD1_LATENT_RGB_FACTORS)
+    rgb = ((rgb + 1) / 2).clamp(0, 1)  # the factors map to roughly [-1, 1], like the VAE's pixels
+    image = Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def tensor_to_image(x: torch.Tensor) -> Image.Image:
+    """A [3, H, W] tensor in [-1, 1] (pixels) or any [H, W] map (min-max scaled to grey) as a PIL image."""
+    x = x.detach().float().cpu()
+    if x.ndim == 2:
+        x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-8)
+    else:
+        x = ((x + 1) / 2).clamp(0, 1).permute(1, 2, 0)
+    return Image.fromarray((x.numpy() * 255).round().astype("uint8"))
+
+
+def save_gif(frames: list[Image.Image], path: str | Path, ms_per_frame: int = 400, hold_last_ms: int = 1500) -> Path:
+    """An animated GIF that loops forever and lingers on its last frame."""
+    path = Path(path).with_suffix(".gif")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    durations = [ms_per_frame] * (len(frames) - 1) + [hold_last_ms]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    return path
+
+
+def plot_noise_schedule(scheduler):
+    """The training noise schedule: how much signal is left (alpha-bar) and the signal-to-noise ratio."""
+    import matplotlib.pyplot as plt
+
+    alpha_bar = scheduler.alphas_cumprod.float()
+    t = torch.arange(len(alpha_bar))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax1.plot(t, alpha_bar, label=r"$\bar\alpha_t$ (signal variance)")
+    ax1.plot(t, 1 - alpha_bar, label=r"$1-\bar\alpha_t$ (noise variance)")
+    ax1.set(title="How much of the image is left at timestep t", xlabel="timestep t", ylabel="variance share")
+    ax1.legend()
+    ax2.semilogy(t, alpha_bar / (1 - alpha_bar))
+    ax2.axhline(1, color="gray", linestyle=":", label="SNR = 1: as much noise as signal")
+    ax2.set(title="Signal-to-noise ratio", xlabel="timestep t", ylabel=r"SNR = $\bar\alpha_t/(1-\bar\alpha_t)$ (log)")
+    ax2.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_latent_channels(latents: torch.Tensor, title: str):
+    """The 4 channels of one [4, h, w] latent, each with its own colour scale."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, latents.shape[0], figsize=(3.2 * latents.shape[0], 3.4))
+    for c, ax in enumerate(axes):
+        shown = ax.imshow(latents[c].float().cpu(), cmap="RdBu_r")
+        ax.set(title=f"channel {c}", xlabel="latent x", ylabel="latent y")
+        fig.colorbar(shown, ax=ax, fraction=0.046)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_attention_maps(image: Image.Image, tokens: list[str], maps: torch.Tensor, title: str):
+    """The generated image, then one heat map per prompt token over it (brighter = more attention)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tokens) + 1, figsize=(2.6 * (len(tokens) + 1), 3.2), squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(image)
+    axes[0].set(title="generated image", xlabel="x (px)", ylabel="y (px)")
+    extent = (0, image.width, image.height, 0)
+    for ax, token, heat in zip(axes[1:], tokens, maps):
+        ax.imshow(image, extent=extent)
+        ax.imshow(heat.float().cpu(), cmap="jet", alpha=0.55, extent=extent, interpolation="bilinear")
+        ax.set(title=f"'{token}'  (mean {heat.mean():.2f})", xlabel="x (px)")
+        ax.set_yticks([])
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -10,3 +10,74 @@ from __future__ import annotations
 # --- Notebook 03: training config panel (issue 4) ---
 
 # --- Notebooks 00 and 04: sampler and denoising-step scrubber (issue 5) ---
+
+def _png_bytes(image) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def sampler_panel(pipe, prompt: str, negative_prompt: str = "", steps: int = 30, guidance_scale: float = 7.5,
+                  seed: int = 0, scheduler: str = "DPM++ 2M Karras", height: int | None = None,
+                  width: int | None = None):
+    """Prompt, negative prompt, steps, guidance, seed, scheduler, FreeU and a Generate button.
+
+    Generates once straight away, so the panel is never empty (and a headless run shows a picture);
+    each click generates again with the current settings.
+    """
+    import ipywidgets as w
+    from IPython.display import display
+
+    from . import sampling
+
+    style = {"description_width": "110px"}
+    layout = w.Layout(width="95%")
+    prompt_box = w.Textarea(value=prompt, description="Prompt", style=style, layout=layout)
+    negative_box = w.Text(value=negative_prompt, description="Negative prompt", style=style, layout=layout)
+    steps_slider = w.IntSlider(value=steps, min=1, max=100, description="Steps", style=style)
+    guidance_slider = w.FloatSlider(value=guidance_scale, min=1.0, max=15.0, step=0.5, description="Guidance", style=style)
+    seed_box = w.IntText(value=seed, description="Seed", style=style)
+    scheduler_menu = w.Dropdown(options=list(sampling.SCHEDULERS), value=scheduler, description="Scheduler", style=style)
+    freeu_box = w.Checkbox(value=False, description="FreeU")
+    button = w.Button(description="Generate", button_style="primary", icon="paint-brush")
+    result = w.Output()
+
+    def on_generate(_):
+        button.disabled = True
+        try:
+            sampling.set_scheduler(pipe, scheduler_menu.value)
+            image = sampling.generate(pipe, [prompt_box.value], [seed_box.value], steps=steps_slider.value,
+                                      guidance_scale=guidance_slider.value, height=height, width=width,
+                                      negative_prompt=negative_box.value or None, freeu=freeu_box.value)[0]
+            result.clear_output(wait=True)
+            with result:
+                print(f"{scheduler_menu.value}, {steps_slider.value} steps, guidance {guidance_slider.value}, "
+                      f"seed {seed_box.value}{', FreeU' if freeu_box.value else ''}")
+                display(image)
+        finally:
+            button.disabled = False
+
+    button.on_click(on_generate)
+    on_generate(None)
+    return w.VBox([prompt_box, negative_box, w.HBox([steps_slider, guidance_slider]),
+                   w.HBox([seed_box, scheduler_menu, freeu_box]), button, result])
+
+
+def step_scrubber(frames: list, labels: list[str]):
+    """A slider over the frames of one generation (e.g. preview | decode per captured step)."""
+    import ipywidgets as w
+
+    if len(frames) != len(labels) or not frames:
+        raise ValueError(f"step_scrubber needs one label per frame, got {len(frames)} frames, {len(labels)} labels.")
+    pngs = [_png_bytes(frame) for frame in frames]  # encoded once: scrubbing only swaps bytes
+    picture = w.Image(value=pngs[0], format="png")
+    caption = w.Label(value=labels[0])
+    slider = w.IntSlider(value=0, min=0, max=len(frames) - 1, description="Frame", continuous_update=True)
+
+    def show(change):
+        picture.value = pngs[change["new"]]
+        caption.value = labels[change["new"]]
+
+    slider.observe(show, names="value")
+    return w.VBox([w.HBox([slider, caption]), picture])
