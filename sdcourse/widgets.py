@@ -27,7 +27,6 @@ def sampler_panel(pipe, prompt: str, negative_prompt: str = "", steps: int = 30,
     each click generates again with the current settings.
     """
     import ipywidgets as w
-    from IPython.display import display
 
     from . import sampling
 
@@ -41,7 +40,8 @@ def sampler_panel(pipe, prompt: str, negative_prompt: str = "", steps: int = 30,
     scheduler_menu = w.Dropdown(options=list(sampling.SCHEDULERS), value=scheduler, description="Scheduler", style=style)
     freeu_box = w.Checkbox(value=False, description="FreeU")
     button = w.Button(description="Generate", button_style="primary", icon="paint-brush")
-    result = w.Output()
+    picture = w.Image(format="png")
+    caption = w.Label()
 
     def on_generate(_):
         button.disabled = True
@@ -50,18 +50,16 @@ def sampler_panel(pipe, prompt: str, negative_prompt: str = "", steps: int = 30,
             image = sampling.generate(pipe, [prompt_box.value], [seed_box.value], steps=steps_slider.value,
                                       guidance_scale=guidance_slider.value, height=height, width=width,
                                       negative_prompt=negative_box.value or None, freeu=freeu_box.value)[0]
-            result.clear_output(wait=True)
-            with result:
-                print(f"{scheduler_menu.value}, {steps_slider.value} steps, guidance {guidance_slider.value}, "
-                      f"seed {seed_box.value}{', FreeU' if freeu_box.value else ''}")
-                display(image)
+            picture.value = _png_bytes(image)
+            caption.value = (f"{scheduler_menu.value}, {steps_slider.value} steps, guidance {guidance_slider.value}, "
+                             f"seed {seed_box.value}{', FreeU' if freeu_box.value else ''}")
         finally:
             button.disabled = False
 
     button.on_click(on_generate)
     on_generate(None)
     return w.VBox([prompt_box, negative_box, w.HBox([steps_slider, guidance_slider]),
-                   w.HBox([seed_box, scheduler_menu, freeu_box]), button, result])
+                   w.HBox([seed_box, scheduler_menu, freeu_box]), w.HBox([button, caption]), picture])
 
 
 def step_scrubber(frames: list, labels: list[str]):
