@@ -1,0 +1,245 @@
+"""Merging models and exporting them to the formats other tools load.
+
+- ``merge_pipelines``: a checkpoint merge is a weighted sum of weights, tensor by tensor
+  (``0.7 * A + 0.3 * B``), or "add difference" (``A + alpha * (B - C)``: B's change from C, grafted
+  onto A). Works on diffusers pipeline folders, component by component.
+- ``export_single_file``: one ``.safetensors`` file with the original Stable Diffusion ("LDM") key
+  names, the format the AUTOMATIC1111 web UI, ComfyUI and ``StableDiffusionPipeline.from_single_file``
+  load. diffusers only ships the opposite conversion, so the key mapping is written out here from the
+  UNet's and VAE's configs (any number of blocks and layers, SD 1.x and 2.x).
+
+Everything is read and written as safetensors; files appear under their final name only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+COMPONENT_WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+                     "text_encoder": "model.safetensors"}
+
+
+def load_component(pipeline_dir: str | Path, component: str) -> dict[str, torch.Tensor]:
+    """A component's weights as a state dict, read from safetensors only (never pickle)."""
+    path = Path(pipeline_dir) / component / COMPONENT_WEIGHTS[component]
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: expected a diffusers pipeline folder saved with safetensors "
+                                f"(save_pretrained(..., safe_serialization=True)).")
+    return load_file(path)
+
+
+def _config(pipeline_dir: str | Path, component: str) -> dict:
+    return json.loads((Path(pipeline_dir) / component / "config.json").read_text())
+
+
+# --- Merging -----------------------------------------------------------------------------------
+
+def weighted_sum(state_dicts: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """sum_i weights[i] * state_dicts[i], in fp32, each tensor returned in the first dict's dtype."""
+    if len(state_dicts) != len(weights) or not state_dicts:
+        raise ValueError(f"need one weight per model, got {len(state_dicts)} models and {len(weights)} weights")
+    first = state_dicts[0]
+    for i, other in enumerate(state_dicts[1:], start=1):
+        if other.keys() != first.keys():
+            diff = sorted(other.keys() ^ first.keys())[:3]
+            raise ValueError(f"model {i} has different layers from model 0 (e.g. {diff}): only models of the "
+                             f"same architecture can be merged")
+        for key, tensor in other.items():
+            if tensor.shape != first[key].shape:
+                raise ValueError(f"model {i}: {key} has shape {tuple(tensor.shape)}, model 0 has "
+                                 f"{tuple(first[key].shape)}: only models of the same architecture can be merged")
+    return {key: sum(w * sd[key].float() for sd, w in zip(state_dicts, weights)).to(first[key].dtype)
+            for key in first}
+
+
+def add_difference(a: dict, b: dict, c: dict, alpha: float) -> dict[str, torch.Tensor]:
+    """A + alpha * (B - C): what fine-tuning C into B learned, added to A."""
+    return weighted_sum([a, b, c], [1.0, alpha, -alpha])
+
+
+def merge_pipelines(pipeline_dirs: list[str | Path], weights: list[float], out_dir: str | Path,
+                    components: tuple[str, ...] = ("unet", "text_encoder", "vae")) -> Path:
+    """Weighted merge of diffusers pipeline folders of one architecture into ``out_dir``.
+
+    Scheduler, tokenizer and configs come from the first folder. Components whose weights are equal
+    in all folders (a frozen VAE, say) come out unchanged.
+    """
+    out_dir = Path(out_dir)
+    with _atomic_dir(out_dir) as tmp:
+        shutil.copytree(pipeline_dirs[0], tmp, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.ckpt"))
+        for component in components:
+            merged = weighted_sum([load_component(d, component) for d in pipeline_dirs], weights)
+            save_file(merged, tmp / component / COMPONENT_WEIGHTS[component])
+        (tmp / "merge.json").write_text(json.dumps(
+            {"models": [str(d) for d in pipeline_dirs], "weights": weights, "components": list(components)}, indent=2))
+    return out_dir
+
+
+class _atomic_dir:
+    """Build a folder under a temporary name next to its target, then swap it in."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.target.exists():
+            shutil.rmtree(self.target)
+        self.tmp.rename(self.target)
+        return False
+
+
+# --- diffusers -> original Stable Diffusion (LDM) key names ----------------------------------------
+
+UNET_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+               ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+VAE_ATTENTION = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
+VAE_TOP = {"conv_norm_out": "norm_out"}
+
+
+def _unet_prefixes(config: dict) -> list[tuple[str, str, bool]]:
+    """(diffusers prefix, LDM prefix, is_resnet) for every block of a UNet2DConditionModel config."""
+    per_block = config["layers_per_block"]
+    n_blocks = len(config["block_out_channels"])
+    prefixes = [(f"{k}.", f"{v}.", False) for k, v in UNET_TOP.items()]
+    for b in range(n_blocks):
+        for j in range(per_block):
+            ldm = 1 + b * (per_block + 1) + j
+            prefixes += [(f"down_blocks.{b}.resnets.{j}.", f"input_blocks.{ldm}.0.", True),
+                         (f"down_blocks.{b}.attentions.{j}.", f"input_blocks.{ldm}.1.", False)]
+        prefixes.append((f"down_blocks.{b}.downsamplers.0.conv.", f"input_blocks.{(b + 1) * (per_block + 1)}.0.op.", False))
+        has_attention = "CrossAttn" in config["up_block_types"][b]
+        for j in range(per_block + 1):
+            ldm = b * (per_block + 1) + j
+            prefixes += [(f"up_blocks.{b}.resnets.{j}.", f"output_blocks.{ldm}.0.", True),
+                         (f"up_blocks.{b}.attentions.{j}.", f"output_blocks.{ldm}.1.", False)]
+        last = b * (per_block + 1) + per_block
+        prefixes.append((f"up_blocks.{b}.upsamplers.0.", f"output_blocks.{last}.{2 if has_attention else 1}.", False))
+    prefixes += [("mid_block.resnets.0.", "middle_block.0.", True), ("mid_block.attentions.0.", "middle_block.1.", False),
+                 ("mid_block.resnets.1.", "middle_block.2.", True)]
+    return prefixes
+
+
+def _rename(key: str, prefixes: list[tuple[str, str, bool]], inner: list[tuple[str, str]]) -> str:
+    for hf, ldm, is_resnet in prefixes:
+        if key.startswith(hf):
+            rest = key[len(hf):]
+            if is_resnet:
+                for a, b in inner:
+                    rest = rest.replace(a, b)
+            return ldm + rest
+    raise KeyError(f"no original Stable Diffusion name known for {key!r}: is this a Stable Diffusion 1.x/2.x model?")
+
+
+def unet_to_ldm(state_dict: dict, config: dict) -> dict[str, torch.Tensor]:
+    prefixes = _unet_prefixes(config)
+    return {"model.diffusion_model." + _rename(k, prefixes, UNET_RESNET): v for k, v in state_dict.items()}
+
+
+def vae_to_ldm(state_dict: dict, config: dict) -> dict[str, torch.Tensor]:
+    n_blocks = len(config["block_out_channels"])
+    prefixes = []
+    for part in ("encoder", "decoder"):
+        prefixes += [(f"{part}.{k}.", f"{part}.{v}.", False) for k, v in VAE_TOP.items()]
+        prefixes += [(f"{part}.mid_block.resnets.{i}.", f"{part}.mid.block_{i + 1}.", True) for i in range(2)]
+        prefixes.append((f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", True))
+    for b in range(n_blocks):
+        prefixes += [(f"encoder.down_blocks.{b}.resnets.", f"encoder.down.{b}.block.", True),
+                     (f"encoder.down_blocks.{b}.downsamplers.0.", f"encoder.down.{b}.downsample.", False),
+                     # the original decoder numbers its blocks from the bottom up
+                     (f"decoder.up_blocks.{b}.resnets.", f"decoder.up.{n_blocks - 1 - b}.block.", True),
+                     (f"decoder.up_blocks.{b}.upsamplers.0.", f"decoder.up.{n_blocks - 1 - b}.upsample.", False)]
+    out = {}
+    for key, value in state_dict.items():
+        if key.split(".")[0] in ("quant_conv", "post_quant_conv") or key.split(".")[1] in ("conv_in", "conv_out"):
+            out["first_stage_model." + key] = value
+            continue
+        new = _rename(key, prefixes, [("conv_shortcut", "nin_shortcut")] + VAE_ATTENTION)
+        if ".mid.attn_1." in new and value.ndim == 2:
+            value = value[:, :, None, None]  # the original attention uses 1x1 convolutions, not linear layers
+        out["first_stage_model." + new] = value
+    return out
+
+
+OPENCLIP_RENAMES = [("text_model.encoder.layers.", "transformer.resblocks."), ("layer_norm1", "ln_1"),
+                    ("layer_norm2", "ln_2"), (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj."),
+                    (".self_attn.out_proj.", ".attn.out_proj.")]
+OPENCLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                "text_model.final_layer_norm.weight": "ln_final.weight",
+                "text_model.final_layer_norm.bias": "ln_final.bias"}
+
+
+def text_encoder_to_ldm(state_dict: dict, open_clip: bool) -> dict[str, torch.Tensor]:
+    """SD 1.x keeps the Hugging Face CLIP names under ``cond_stage_model.transformer.``; SD 2.x's
+    OpenCLIP fuses q, k and v into one ``in_proj`` matrix per layer."""
+    # transformers 5 saves CLIPTextModel without the "text_model." prefix that 4.x and the originals use.
+    state_dict = {"text_model." + k.removeprefix("text_model."): v for k, v in state_dict.items()
+                  if not k.endswith("position_ids")}
+    if not open_clip:
+        return {"cond_stage_model.transformer." + k: v for k, v in state_dict.items()}
+    out, qkv = {}, {}
+    for key, value in state_dict.items():
+        if key in OPENCLIP_TOP:
+            out[OPENCLIP_TOP[key]] = value
+            continue
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            if f".self_attn.{proj}." in key:
+                layer, kind = key.split(f".self_attn.{proj}.")
+                qkv.setdefault((layer, kind), {})[proj] = value
+                break
+        else:
+            for a, b in OPENCLIP_RENAMES:
+                key = key.replace(a, b)
+            out[key] = value
+    for (layer, kind), parts in qkv.items():
+        for a, b in OPENCLIP_RENAMES:
+            layer = layer.replace(a, b)
+        out[f"{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
+    return {"cond_stage_model.model." + k: v for k, v in out.items()}
+
+
+def export_single_file(pipeline_dir: str | Path, out_file: str | Path, half: bool = True) -> Path:
+    """Write a diffusers pipeline folder as one original-format ``.safetensors`` checkpoint.
+
+    Load it in the AUTOMATIC1111 web UI or ComfyUI (models/Stable-diffusion, models/checkpoints) or with
+    ``StableDiffusionPipeline.from_single_file``. SD 2.x v-prediction models also need the
+    ``v2-inference-v.yaml`` config beside them in the web UI, named like the checkpoint.
+    """
+    pipeline_dir, out_file = Path(pipeline_dir), Path(out_file)
+    text_config = _config(pipeline_dir, "text_encoder")
+    # OpenCLIP's text tower (SD 2.x) uses GELU; OpenAI's CLIP (SD 1.x) uses quick_gelu.
+    open_clip = text_config.get("hidden_act") == "gelu"
+    state = {**unet_to_ldm(load_component(pipeline_dir, "unet"), _config(pipeline_dir, "unet")),
+             **vae_to_ldm(load_component(pipeline_dir, "vae"), _config(pipeline_dir, "vae")),
+             **text_encoder_to_ldm(load_component(pipeline_dir, "text_encoder"), open_clip)}
+    dtype = torch.float16 if half else torch.float32
+    state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".{out_file.name}.partial")
+    save_file(state, tmp, metadata={"format": "pt", "exported_by": "sdcourse",
+                                    "prediction_type": _scheduler_prediction_type(pipeline_dir)})
+    os.replace(tmp, out_file)
+    return out_file
+
+
+def _scheduler_prediction_type(pipeline_dir: Path) -> str:
+    config = json.loads((pipeline_dir / "scheduler" / "scheduler_config.json").read_text())
+    return config.get("prediction_type", "epsilon")
