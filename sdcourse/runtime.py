@@ -9,6 +9,7 @@ import gc
 import importlib.metadata
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,9 @@ def default_outputs(use_drive: bool) -> Path:
 def setup(smoke: bool | None = None, use_drive: bool = False, outputs: str | Path | None = None) -> Runtime:
     """Detect the GPU, choose the dtype, mount Drive if asked (Colab only), create the outputs folder."""
     smoke = smoke_from_env() if smoke is None else smoke
+    # Recent diffusers renamed from_pretrained's torch_dtype to dtype; the course passes torch_dtype,
+    # which every version from Colab's to the newest accepts, so the rename notice is only noise.
+    warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
     if use_drive:
         if not in_colab():
             print("USE_DRIVE is only for Colab; keeping outputs on this machine.")
