@@ -7,6 +7,60 @@ from __future__ import annotations
 
 # --- Notebook 02: caption editor (issue 3) ---
 
+def caption_editor(dataset_dir, column: str = "text", size: int = 320):
+    """Image, caption box, Previous / Next and Save over a dataset's ``metadata.csv``.
+
+    Edits are kept as you type and move between images; Save writes metadata.csv (and the sidecar
+    .txt files, if the dataset has them). Nothing blocks: headless runs just build the panel.
+    """
+    from pathlib import Path
+
+    import ipywidgets as w
+    from PIL import Image
+
+    from . import data
+
+    dataset_dir = Path(dataset_dir)
+    table = data.read_metadata(dataset_dir)
+    if column not in table.columns:
+        table[column] = ""
+    picture = w.Image(format="png", width=size)
+    caption = w.Textarea(layout=w.Layout(width="95%", height="70px"))
+    position, status = w.Label(), w.Label()
+    previous_button = w.Button(description="Previous", icon="arrow-left")
+    next_button = w.Button(description="Next", icon="arrow-right")
+    save_button = w.Button(description="Save", button_style="success", icon="save")
+    state = {"row": 0, "unsaved": 0}
+
+    def show(row: int):
+        state["row"] = row % len(table)
+        name = table.at[state["row"], "file_name"]
+        with Image.open(dataset_dir / name) as img:
+            thumb = img.convert("RGB")
+        thumb.thumbnail((size, size))
+        picture.value = _png_bytes(thumb)
+        caption.value = table.at[state["row"], column]
+        position.value = f"{state['row'] + 1} / {len(table)}: {name}"
+
+    def on_edit(change):
+        if change["new"] != table.at[state["row"], column]:
+            table.at[state["row"], column] = change["new"]
+            state["unsaved"] += 1
+            status.value = f"{state['unsaved']} unsaved edit(s)"
+
+    def on_save(_):
+        path = data.write_metadata(dataset_dir, table)
+        status.value = f"Saved {state['unsaved']} edit(s) to {path}"
+        state["unsaved"] = 0
+
+    caption.observe(on_edit, names="value")
+    previous_button.on_click(lambda _: show(state["row"] - 1))
+    next_button.on_click(lambda _: show(state["row"] + 1))
+    save_button.on_click(on_save)
+    show(0)
+    return w.VBox([w.HBox([previous_button, next_button, save_button, position]), picture, caption, status])
+
+
 # --- Notebook 03: training config panel (issue 4) ---
 
 # --- Notebooks 00 and 04: sampler and denoising-step scrubber (issue 5) ---
