@@ -1,0 +1,107 @@
+"""BLIP captioning on the tiny model, tag-style captions and the caption editor."""
+
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from sdcourse import data
+from sdcourse.captioning import CaptionConfig, Captioner, caption_dataset, tags_to_caption
+from sdcourse.models import ModelLoadError
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    from sdcourse import tiny
+    with Captioner.load(tiny.blip_path(), "cpu", torch.float16) as loaded:  # fp16 request on CPU -> fp32
+        yield loaded
+
+
+@pytest.fixture
+def dataset(tmp_path, sample_dir):
+    """A copy of the first 6 sample images; two have no caption, one has a sidecar .txt."""
+    shutil.copytree(sample_dir / "images", tmp_path / "images")
+    table = data.read_metadata(sample_dir).head(6).copy()
+    table.loc[[1, 4], "text"] = ""
+    data.write_metadata(tmp_path, table)
+    (tmp_path / table.at[0, "file_name"]).with_suffix(".txt").write_text(table.at[0, "text"])
+    return tmp_path
+
+
+def test_tags_to_caption():
+    assert tags_to_caption("1girl maid_outfit holding_teapot highres absurdres commentary_request") == \
+        "1girl, maid outfit, holding teapot"
+    assert tags_to_caption("^_^ smile") == "^_^, smile"  # emoticons keep their underscores
+    assert tags_to_caption("long_hair blue_eyes red_bow", max_tags=2) == "long hair, blue eyes"
+    assert tags_to_caption("") == ""
+
+
+def test_load_uses_fp32_on_cpu_and_explains_missing_models(captioner, tmp_path):
+    assert captioner.model.dtype == torch.float32 and not captioner.model.training
+    with pytest.raises(ModelLoadError, match="no-such-folder"):
+        Captioner.load(str(tmp_path / "no-such-folder"))
+
+
+def test_caption_batches_beam_and_sampling(captioner, sample_dir):
+    images = [Image.open(p) for p in sorted((sample_dir / "images").glob("*.png"))[:3]]
+    beam = captioner.caption(images, CaptionConfig(num_beams=2, max_length=12))
+    assert len(beam) == 3 and all(isinstance(c, str) and c for c in beam)
+    assert beam == captioner.caption(images, CaptionConfig(num_beams=2, max_length=12))  # deterministic
+    sampled = captioner.caption(images, CaptionConfig(sampling=True, seed=1, max_length=12))
+    assert sampled == captioner.caption(images, CaptionConfig(sampling=True, seed=1, max_length=12))
+    assert all(len(c.split()) <= 12 for c in sampled)
+
+
+def test_caption_dataset_keeps_existing_captions_and_adds_affixes(captioner, dataset):
+    before = data.read_metadata(dataset)
+    table = caption_dataset(captioner, dataset, CaptionConfig(batch_size=4, max_length=10, prefix="sks", suffix="shape style"))
+    assert table.equals(data.read_metadata(dataset))  # what it returns is what it saved
+    for row in (0, 2, 3, 5):
+        assert table.at[row, "text"] == before.at[row, "text"]
+    for row in (1, 4):
+        assert table.at[row, "text"].startswith("sks, ") and table.at[row, "text"].endswith(", shape style")
+
+
+def test_caption_dataset_overwrite_other_column_and_sidecars(captioner, dataset):
+    before = data.read_metadata(dataset)
+    caption_dataset(captioner, dataset, CaptionConfig(column="blip", max_length=10))
+    table = data.read_metadata(dataset)
+    assert table["text"].tolist() == before["text"].tolist() and (table["blip"] != "").all()
+    caption_dataset(captioner, dataset, CaptionConfig(overwrite=True, batch_size=5, max_length=10), save_every=1)
+    table = data.read_metadata(dataset)
+    assert table["text"].tolist() == table["blip"].tolist()  # same model, same beam search
+    sidecar = (dataset / table.at[0, "file_name"]).with_suffix(".txt")
+    assert sidecar.read_text() == table.at[0, "text"]
+    assert not (dataset / table.at[1, "file_name"]).with_suffix(".txt").exists()  # only existing sidecars updated
+
+
+def test_close_releases_the_model():
+    from sdcourse import tiny
+    captioner = Captioner.load(tiny.blip_path())
+    captioner.close()
+    assert captioner.model is None and captioner.processor is None
+
+
+def test_caption_editor_edits_navigates_and_saves(dataset):
+    import ipywidgets as w
+
+    from sdcourse.widgets import caption_editor
+
+    panel = caption_editor(dataset, size=64)
+    buttons = {b.description: b for b in panel.children[0].children if isinstance(b, w.Button)}
+    [text_box] = [c for c in panel.children if isinstance(c, w.Textarea)]
+    [picture] = [c for c in panel.children if isinstance(c, w.Image)]
+    first = data.read_metadata(dataset)
+    assert text_box.value == first.at[0, "text"] and bytes(picture.value).startswith(b"\x89PNG")
+    text_box.value = 'a "fixed", caption'
+    buttons["Next"].click()
+    assert text_box.value == first.at[1, "text"]
+    buttons["Previous"].click()
+    buttons["Previous"].click()  # wraps around to the last image
+    assert text_box.value == first.at[5, "text"]
+    assert data.read_metadata(dataset).equals(first)  # nothing written before Save
+    buttons["Save"].click()
+    saved = data.read_metadata(dataset)
+    assert saved.at[0, "text"] == 'a "fixed", caption' and saved.drop(index=0).equals(first.drop(index=0))
+    assert (dataset / saved.at[0, "file_name"]).with_suffix(".txt").read_text() == 'a "fixed", caption'
