@@ -655,10 +655,14 @@ def build_dataset(candidates: list[Candidate], out_dir: str | Path, config: Clea
 # --- Looking at the result ------------------------------------------------------------------------
 
 def summary(report: pd.DataFrame) -> pd.DataFrame:
-    """How many inputs ended in each status, and why (the most common reasons first)."""
-    reasons = report["reason"].fillna("").str.replace(r" (of|from) .*| \(.*|: .*", "", regex=True)
-    return (report.assign(reason=reasons).groupby(["status", "reason"]).size()
-            .rename("count").reset_index().sort_values(["status", "count"], ascending=[False, False], ignore_index=True))
+    """How often each reason occurs per status, details (sizes, file names) left out; most common first.
+
+    An image can have several notes ("converted CMYK to RGB; downscaled"): each is counted.
+    """
+    notes = report.assign(reason=report["reason"].fillna("").str.split("; ")).explode("reason")
+    notes["reason"] = notes["reason"].str.replace(r" (of|from) .*| \(.*|: .*", "", regex=True).replace("", "unchanged")
+    return (notes.groupby(["status", "reason"]).size().rename("count").reset_index()
+            .sort_values(["status", "count"], ascending=[False, False], ignore_index=True))
 
 
 def plot_sizes(report: pd.DataFrame):

@@ -13,6 +13,7 @@ import io
 import json
 import mimetypes
 import random
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -174,17 +175,18 @@ def _encoded(img: Image.Image, fmt: str, **save_args) -> bytes:
 
 
 def write_problem_files(folder: str | Path) -> dict[str, str]:
-    """Write files that break naive pipelines into ``folder``; returns {file name: what is special about it}."""
+    """Write files that break naive pipelines into ``folder`` (emptied first); returns {file name: what is special}."""
     folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
     (folder / "sub folder").mkdir(parents=True, exist_ok=True)
     rng = random.Random(1)
-    picture = draw_shape("triangle", "green", "white", rng, size=256)
-    sample_red_circle = (sample_dataset_dir() / "images" / "red_circle_on_white.png").read_bytes()
-    animated = [draw_shape("circle", colour, "black", rng, size=192) for colour in ("red", "green", "blue")]
+    picture = draw_shape("triangle", "green", "white", rng, size=320)
+    red_circle = draw_shape("circle", "red", "white", rng, size=320)
+    animated = [draw_shape("circle", colour, "black", rng, size=320) for colour in ("red", "green", "blue")]
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: the camera was turned; viewers rotate the picture 90 degrees
-    palette = draw_shape("square", "blue", "white", rng, size=192).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
-    sixteen_bit = Image.linear_gradient("L").resize((256, 192)).point(lambda v: v * 257, "I").convert("I;16")
+    palette = draw_shape("square", "blue", "white", rng, size=320).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    sixteen_bit = Image.linear_gradient("L").resize((384, 288)).point(lambda v: v * 257, "I").convert("I;16")
     files = {
         "empty.png": (b"", "zero bytes (an interrupted copy)"),
         "truncated.jpg": (_encoded(picture, "JPEG")[:1500], "a JPEG cut short (an interrupted download)"),
@@ -197,16 +199,16 @@ def write_problem_files(folder: str | Path) -> dict[str, str]:
             _encoded(palette, "PNG", transparency=0), "a palette image with a transparent colour, in a sub-folder"),
         "animated.gif": (_encoded(animated[0], "GIF", save_all=True, append_images=animated[1:], duration=200, loop=0),
                          "an animated GIF (3 frames)"),
-        "rotated.jpg": (_encoded(draw_shape("square", "yellow", "gray", rng, size=256).resize((256, 160)), "JPEG", exif=exif),
+        "rotated.jpg": (_encoded(draw_shape("square", "yellow", "gray", rng, size=384).resize((384, 256)), "JPEG", exif=exif),
                         "a JPEG whose EXIF says 'rotate 90 degrees'"),
         "huge.png": (_encoded(draw_shape("circle", "yellow", "black", rng, size=2400), "PNG"), "2400x2400 px: larger than needed"),
-        "ネコ の 写真.png": (_encoded(draw_shape("circle", "blue", "gray", rng, size=256), "PNG"),
+        "ネコ の 写真.png": (_encoded(draw_shape("circle", "blue", "gray", rng, size=320), "PNG"),
                           "a non-ASCII file name with spaces; its caption file is not UTF-8"),
         "ネコ の 写真.txt": ('a blue circle, "quoted",\non two lines '.encode() + b"caf\xe9", "a caption: commas, quotes, a newline, a Latin-1 byte"),
-        "red circle.png": (sample_red_circle, "the sample's red circle (also a post on the booru)"),
-        "red circle (copy).png": (sample_red_circle, "the same file again"),
-        "red circle smaller.jpg": (_encoded(Image.open(io.BytesIO(sample_red_circle)).convert("RGB").resize((112, 112)), "JPEG", quality=80),
-                                   "the same picture, resized and re-compressed"),
+        "red circle.png": (_encoded(red_circle, "PNG"), "a red circle"),
+        "sub folder/red circle.png": (_encoded(red_circle, "PNG"), "the same file again, in another folder"),
+        "sub folder/red circle small.jpg": (_encoded(red_circle.resize((280, 280)), "JPEG", quality=80),
+                                            "the same picture, resized and re-compressed"),
         "metadata.csv": ('file_name,text\ncmyk.jpg,"a green triangle, printed in ""CMYK"""\nmissing.png,a caption whose image is gone\n'.encode(),
                          "captions; one row names a file that does not exist"),
     }

@@ -376,16 +376,21 @@ def test_practice_problem_files_teach_what_they_say(tmp_path):
     statuses = report["status"].to_dict()
     assert {n for n, s in statuses.items() if s == "error"} == {
         "empty.png", "truncated.jpg", "notes.jpg", "bomb.png", "metadata.csv: missing.png"}
-    dropped = {n for n, s in statuses.items() if s == "dropped"}
-    assert {"dot.png", "red circle smaller.jpg"} < dropped
-    [duplicate] = dropped - {"dot.png", "red circle smaller.jpg"}
-    assert duplicate in ("red circle.png", "red circle (copy).png")
-    assert report.loc[duplicate, "reason"].startswith("exact duplicate")
+    assert {n for n, s in statuses.items() if s == "dropped"} == {"dot.png", "sub folder/red circle.png",
+                                                                    "sub folder/red circle small.jpg"}
+    kept_circle = report.loc["red circle.png", "file_name"]
+    assert report.loc["sub folder/red circle.png", "reason"] == f"exact duplicate of {kept_circle}"
+    assert report.loc["sub folder/red circle small.jpg", "reason"].startswith(f"near duplicate of {kept_circle}")
 
 
 def test_summary_and_plots(tmp_path, sample_dir):
     report = data.build_dataset(data.from_folder(sample_dir), tmp_path / "out", data.CleanConfig(resolution=64))
-    assert data.summary(report).to_dict("records") == [{"status": "kept", "reason": "", "count": 36}]
+    assert data.summary(report).to_dict("records") == [{"status": "kept", "reason": "unchanged", "count": 36}]
+    mixed = pd.DataFrame({"status": ["kept", "kept", "dropped"], "reason": [
+        "converted CMYK to RGB; downscaled from 900x900", "downscaled from 800x600", "exact duplicate of images/a.png"]})
+    assert data.summary(mixed).to_dict("records") == [
+        {"status": "kept", "reason": "downscaled", "count": 2}, {"status": "kept", "reason": "converted CMYK to RGB", "count": 1},
+        {"status": "dropped", "reason": "exact duplicate", "count": 1}]
     assert len(data.plot_sizes(report).axes) == 2
     figure = data.plot_preview(tmp_path / "out", n=6, cols=3)
     titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
