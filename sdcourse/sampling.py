@@ -84,6 +84,27 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 30, guidan
     return images
 
 
+def generate_xy(pipe, prompt: str, seed: int, x_name: str, x_values: list, y_name: str, y_values: list,
+                **settings) -> list[Image.Image]:
+    """One image per (y, x) pair of two settings, row-major (a row per y value): an X/Y plot's cells.
+
+    The settings are ``generate``'s keywords (steps, guidance_scale, negative_prompt, freeu, ...) or
+    ``"scheduler"`` (a ``SCHEDULERS`` name); the pipeline's scheduler is restored afterwards.
+    """
+    original_scheduler = pipe.scheduler
+    images = []
+    try:
+        for y in y_values:
+            for x in x_values:
+                cell = {**settings, x_name: x, y_name: y}
+                if "scheduler" in cell:
+                    set_scheduler(pipe, cell.pop("scheduler"))
+                images += generate(pipe, [prompt], [seed], **cell)
+    finally:
+        pipe.scheduler = original_scheduler
+    return images
+
+
 # --- Base model vs fine-tuned UNets ---
 
 def load_unet(folder: str | Path, dtype=None, device=None):
@@ -149,9 +170,11 @@ def encode_images(pipe, images: list[Image.Image]) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
-    """Scaled latents -> PIL images through the full VAE decoder."""
-    latents = latents.to(pipe.device, pipe.vae.dtype) / pipe.vae.config.scaling_factor
-    return pipe.image_processor.postprocess(pipe.vae.decode(latents).sample, output_type="pil")
+    """Scaled latents [n, 4, h, w] -> PIL images through the full VAE decoder, one at a time (memory stays flat)."""
+    images = []
+    for z in latents.to(pipe.device, pipe.vae.dtype) / pipe.vae.config.scaling_factor:
+        images += pipe.image_processor.postprocess(pipe.vae.decode(z[None]).sample, output_type="pil")
+    return images
 
 
 # --- Watching the denoising steps ---
@@ -161,6 +184,7 @@ class DenoisingTrace:
     """What one generation looked like at the captured steps (latents on the CPU, float32)."""
     prompt: str
     seed: int
+    total_steps: int
     steps: list[int]          # 1-based step numbers, as in "step 10 of 40"
     timesteps: list[float]    # the scheduler's timestep at each captured step (999 = pure noise)
     latents: list[torch.Tensor]  # the noisy latent after the step, [4, h, w]
@@ -194,7 +218,7 @@ def trace_denoising(pipe, prompt: str, seed: int, steps: int, capture: list[int]
         last_x0["x0"] = x0
         return out
 
-    trace = DenoisingTrace(prompt, seed, [], [], [], [], image=None)
+    trace = DenoisingTrace(prompt, seed, steps, [], [], [], [], image=None)
 
     def on_step_end(pipe, i, t, tensors):
         if i + 1 in wanted:

@@ -43,17 +43,21 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
 
 def image_grid(images: list[Image.Image], rows: int, cols: int, row_labels: list[str] | None = None,
                col_labels: list[str] | None = None, title: str | None = None, *,
-               font_size: int | None = None) -> Image.Image:
+               font_size: int | None = None, min_cell: int = 0) -> Image.Image:
     """Paste images row-major into one picture, with a title on top, column titles and row titles.
 
-    Cells take the size of the largest image; smaller ones are centred, never stretched. The font
-    scales with the cell (about 1/14 of its height, at least 14 px) so labels stay readable at any size.
+    Cells take the size of the largest image; smaller ones are centred, never stretched. Images
+    smaller than ``min_cell`` pixels a side are first enlarged by a whole factor (see ``enlarge``) so
+    that tiny pictures and their labels stay readable. The font scales with the cell (about 1/14 of
+    its height, at least 14 px) so labels are readable at any size.
     """
     if len(images) != rows * cols:
         raise ValueError(f"image_grid got {len(images)} images for {rows} rows x {cols} columns.")
     for name, labels, n in (("row_labels", row_labels, rows), ("col_labels", col_labels, cols)):
         if labels is not None and len(labels) != n:
             raise ValueError(f"{name} has {len(labels)} entries for {n} {name[:3]}s.")
+    if min_cell:
+        images = [enlarge(img, min_cell) for img in images]
     cell_w = max(img.width for img in images)
     cell_h = max(img.height for img in images)
     size = font_size or max(14, cell_h // 14)
@@ -136,6 +140,26 @@ def save_gif(frames: list[Image.Image], path: str | Path, ms_per_frame: int = 40
     return path
 
 
+def denoising_pictures(pipe, trace, min_cell: int = 192) -> tuple[Image.Image, list[Image.Image]]:
+    """A ``sampling.DenoisingTrace`` as the talk's figure, and as one frame per step (for a GIF or a slider).
+
+    Grid: one column per captured step; rows show the noisy latent through the VAE, the x0 estimate
+    through the cheap linear preview, and the x0 estimate through the VAE.
+    """
+    from .sampling import decode_latents
+
+    noisy = decode_latents(pipe, torch.stack(trace.latents))
+    x0 = decode_latents(pipe, torch.stack(trace.x0))
+    previews = [latents_to_rgb(z, scale=pipe.vae_scale_factor) for z in trace.x0]
+    steps = [f"step {s}/{trace.total_steps}" for s in trace.steps]
+    grid = image_grid(noisy + previews + x0, rows=3, cols=len(steps), col_labels=steps,
+                      row_labels=["noisy latent, VAE decode", "x0 estimate, linear preview", "x0 estimate, VAE decode"],
+                      title=f'"{trace.prompt}", seed {trace.seed}', min_cell=min_cell)
+    frames = [image_grid([p, d], rows=1, cols=2, col_labels=["linear preview", "VAE decode"], title=s,
+                         min_cell=min_cell) for p, d, s in zip(previews, x0, steps)]
+    return grid, frames
+
+
 def plot_noise_schedule(scheduler):
     """The training noise schedule: how much signal is left (alpha-bar) and the signal-to-noise ratio."""
     import matplotlib.pyplot as plt
@@ -169,20 +193,22 @@ def plot_latent_channels(latents: torch.Tensor, title: str):
     return fig
 
 
-def plot_attention_maps(image: Image.Image, tokens: list[str], maps: torch.Tensor, title: str):
+def plot_attention_maps(image: Image.Image, tokens: list[str], maps: torch.Tensor, title: str, per_row: int = 5):
     """The generated image, then one heat map per prompt token over it (brighter = more attention)."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(tokens) + 1, figsize=(2.6 * (len(tokens) + 1), 3.2), squeeze=False)
-    axes = axes[0]
+    rows = -(-(len(tokens) + 1) // per_row)
+    fig, axes = plt.subplots(rows, per_row, figsize=(2.8 * per_row, 3.0 * rows), squeeze=False)
+    axes = axes.ravel()
     axes[0].imshow(image)
     axes[0].set(title="generated image", xlabel="x (px)", ylabel="y (px)")
     extent = (0, image.width, image.height, 0)
     for ax, token, heat in zip(axes[1:], tokens, maps):
         ax.imshow(image, extent=extent)
         ax.imshow(heat.float().cpu(), cmap="jet", alpha=0.55, extent=extent, interpolation="bilinear")
-        ax.set(title=f"'{token}'  (mean {heat.mean():.2f})", xlabel="x (px)")
-        ax.set_yticks([])
+        ax.set(title=f"'{token}'  (mean {heat.mean():.3f})", xlabel="x (px)", ylabel="y (px)")
+    for ax in axes[len(tokens) + 1:]:
+        ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -74,9 +74,10 @@ def _png_bytes(image) -> bytes:
 
 def sampler_panel(pipe, prompt: str, negative_prompt: str = "", steps: int = 30, guidance_scale: float = 7.5,
                   seed: int = 0, scheduler: str = "DPM++ 2M Karras", height: int | None = None,
-                  width: int | None = None):
+                  width: int | None = None, unets: dict | None = None):
     """Prompt, negative prompt, steps, guidance, seed, scheduler, FreeU and a Generate button.
 
+    ``unets`` ({label: UNet}) adds a model menu; the pipeline keeps its own UNet otherwise.
     Generates once straight away, so the panel is never empty (and a headless run shows a picture);
     each click generates again with the current settings.
     """
@@ -93,6 +94,8 @@ def sampler_panel(pipe, prompt: str, negative_prompt: str = "", steps: int = 30,
     seed_box = w.IntText(value=seed, description="Seed", style=style)
     scheduler_menu = w.Dropdown(options=list(sampling.SCHEDULERS), value=scheduler, description="Scheduler", style=style)
     freeu_box = w.Checkbox(value=False, description="FreeU")
+    unets = unets or {"pipeline's UNet": pipe.unet}
+    model_menu = w.Dropdown(options=list(unets), description="Model", style=style)
     button = w.Button(description="Generate", button_style="primary", icon="paint-brush")
     picture = w.Image(format="png")
     caption = w.Label()
@@ -101,11 +104,12 @@ def sampler_panel(pipe, prompt: str, negative_prompt: str = "", steps: int = 30,
         button.disabled = True
         try:
             sampling.set_scheduler(pipe, scheduler_menu.value)
-            image = sampling.generate(pipe, [prompt_box.value], [seed_box.value], steps=steps_slider.value,
-                                      guidance_scale=guidance_slider.value, height=height, width=width,
-                                      negative_prompt=negative_box.value or None, freeu=freeu_box.value)[0]
+            with sampling.unet_swapped(pipe, unets[model_menu.value]):
+                image = sampling.generate(pipe, [prompt_box.value], [seed_box.value], steps=steps_slider.value,
+                                          guidance_scale=guidance_slider.value, height=height, width=width,
+                                          negative_prompt=negative_box.value or None, freeu=freeu_box.value)[0]
             picture.value = _png_bytes(image)
-            caption.value = (f"{scheduler_menu.value}, {steps_slider.value} steps, guidance {guidance_slider.value}, "
+            caption.value = (f"{model_menu.value}: {scheduler_menu.value}, {steps_slider.value} steps, guidance {guidance_slider.value}, "
                              f"seed {seed_box.value}{', FreeU' if freeu_box.value else ''}")
         finally:
             button.disabled = False
@@ -113,7 +117,7 @@ def sampler_panel(pipe, prompt: str, negative_prompt: str = "", steps: int = 30,
     button.on_click(on_generate)
     on_generate(None)
     return w.VBox([prompt_box, negative_box, w.HBox([steps_slider, guidance_slider]),
-                   w.HBox([seed_box, scheduler_menu, freeu_box]), w.HBox([button, caption]), picture])
+                   w.HBox([seed_box, scheduler_menu, freeu_box]), model_menu, w.HBox([button, caption]), picture])
 
 
 def step_scrubber(frames: list, labels: list[str]):

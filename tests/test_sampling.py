@@ -163,3 +163,30 @@ def test_sampler_panel_shows_a_picture_and_regenerates(pipe):
     button.click()
     assert bytes(picture.value) != first and "seed 1" in caption.value
     assert sampling.scheduler_name(pipe) == "Euler a"
+
+
+def test_sampler_panel_model_menu_swaps_unets(pipe):
+    from sdcourse import widgets
+    other = copy.deepcopy(pipe.unet)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    panel = widgets.sampler_panel(pipe, PROMPTS[0], steps=2, unets={"base": pipe.unet, "tuned": other}, **SIZE)
+    model_menu, (button, caption), picture = panel.children[-3], panel.children[-2].children, panel.children[-1]
+    base_png = bytes(picture.value)
+    model_menu.value = "tuned"
+    button.click()
+    assert bytes(picture.value) != base_png and caption.value.startswith("tuned:")
+    assert pipe.unet is not other
+
+
+def test_xy_cells_match_single_generations(pipe):
+    sampling.set_scheduler(pipe, "DDIM")
+    cells = sampling.generate_xy(pipe, PROMPTS[0], 0, "steps", [2, 3], "scheduler", ["Euler", "DDIM"],
+                                 guidance_scale=5.0, **SIZE)
+    assert len(cells) == 4 and sampling.scheduler_name(pipe) == "DDIM"  # scheduler restored
+    sampling.set_scheduler(pipe, "Euler")
+    euler_3 = sampling.generate(pipe, PROMPTS, [0], steps=3, guidance_scale=5.0, **SIZE)
+    assert same(cells[1:2], euler_3)  # row "Euler", column "3 steps"
+    sampling.set_scheduler(pipe, "DDIM")
+    assert same(cells[2:3], sampling.generate(pipe, PROMPTS, [0], steps=2, guidance_scale=5.0, **SIZE))

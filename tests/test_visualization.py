@@ -111,7 +111,7 @@ def test_plots_have_titles_and_axis_labels(tiny_sd_path):
                viz.plot_attention_maps(Image.new("RGB", (64, 64)), ["red", "circle"], torch.rand(2, 8, 8), "maps")]
     for fig in figures:
         for ax in fig.axes:
-            if ax.get_label() == "<colorbar>":
+            if ax.get_label() == "<colorbar>" or not ax.axison:  # colour bars, unused grid slots
                 continue
             assert ax.get_title() and ax.get_xlabel()
         plt.close(fig)
@@ -127,3 +127,20 @@ def test_step_scrubber_swaps_frames():
     assert bytes(picture.value) != first and caption.value == "step 40"
     with pytest.raises(ValueError, match="one label per frame"):
         widgets.step_scrubber(frames, ["only one"])
+
+
+def test_min_cell_enlarges_small_tiles_by_whole_factors():
+    grid = viz.image_grid(tiles(2, (64, 32)), 1, 2, min_cell=100)
+    assert grid.size == (2 * 256, 128)
+
+
+def test_denoising_pictures_one_column_and_one_frame_per_step(tiny_sd_path):
+    from sdcourse import models, sampling
+    pipe = models.load_pipeline(tiny_sd_path)
+    sampling.set_scheduler(pipe, "Euler")
+    trace = sampling.trace_denoising(pipe, "a red circle", seed=0, steps=4, capture=[1, 4], height=64, width=64)
+    bare = viz.image_grid([Image.new("RGB", (64, 64))] * 6, rows=3, cols=2, min_cell=192)
+    grid, frames = viz.denoising_pictures(pipe, trace, min_cell=192)
+    assert len(frames) == 2 and frames[0].width >= 2 * 192
+    assert grid.width > bare.width and grid.height > bare.height  # three rows of two steps, plus labels
+    assert grid.width - bare.width < 192  # ... and no third column
