@@ -8,6 +8,7 @@ Leaving the ``with`` block (or ``captioner.close()``) frees the model's memory f
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,15 +115,11 @@ def caption_dataset(captioner: Captioner, dataset_dir: str | Path, config: Capti
     Without ``overwrite`` only empty captions are filled, so an interrupted run resumes where it
     stopped (progress is saved every ``save_every`` images). Sidecar .txt files are kept in step.
     """
-    from .data import read_metadata, write_metadata
+    from .data import write_metadata
 
     dataset_dir = Path(dataset_dir)
-    table = read_metadata(dataset_dir)
-    if config.column not in table.columns:
-        table[config.column] = ""
-    todo = table.index if config.overwrite else table.index[table[config.column].str.strip() == ""]
-    print(f"Captioning {len(todo)} of {len(table)} images"
-          + ("" if config.overwrite else f" (keeping the {len(table) - len(todo)} that have a caption)"))
+    table, todo = _rows_to_caption(dataset_dir, config)
+    began = time.perf_counter()
     progress = tqdm(total=len(todo), desc="Captioning", unit="img")  # shows images per second
     done_since_save = 0
     for start in range(0, len(todo), config.batch_size):
@@ -140,4 +137,31 @@ def caption_dataset(captioner: Captioner, dataset_dir: str | Path, config: Capti
             done_since_save = 0
     progress.close()
     write_metadata(dataset_dir, table)
+    seconds = time.perf_counter() - began
+    print(f"Captioned {len(todo)} images in {seconds:.1f} s: {len(todo) / max(seconds, 1e-9):.1f} images/s on {captioner.device}")
     return table
+
+
+def caption_from_tags(dataset_dir: str | Path, config: CaptionConfig = CaptionConfig()):
+    """Tag-style captions (``tags_to_caption``) from the ``tags`` column, with the same rules as BLIP's."""
+    from .data import write_metadata
+
+    table, todo = _rows_to_caption(Path(dataset_dir), config)
+    tagged = todo[table.loc[todo, "tags"].str.strip() != ""] if "tags" in table.columns else todo[:0]
+    table.loc[tagged, config.column] = [with_affixes(tags_to_caption(tags), config) for tags in table.loc[tagged, "tags"]]
+    print(f"{len(tagged)} tag captions written; {len(todo) - len(tagged)} images have no tags")
+    write_metadata(dataset_dir, table)
+    return table
+
+
+def _rows_to_caption(dataset_dir: Path, config: CaptionConfig):
+    """The metadata table and the index of the rows to caption: all with ``overwrite``, else the empty ones."""
+    from .data import read_metadata
+
+    table = read_metadata(dataset_dir)
+    if config.column not in table.columns:
+        table[config.column] = ""
+    todo = table.index if config.overwrite else table.index[table[config.column].str.strip() == ""]
+    print(f"Captioning {len(todo)} of {len(table)} images"
+          + ("" if config.overwrite else f" (keeping the {len(table) - len(todo)} that have a caption)"))
+    return table, todo

@@ -696,6 +696,7 @@ def plot_preview(dataset_dir: str | Path, n: int = 12, cols: int = 4, seed: int 
     for ax, (_, row) in zip(axes.ravel(), shown.iterrows()):
         with Image.open(dataset_dir / row["file_name"]) as img:
             ax.imshow(img.convert("RGB"))
-        ax.set_title(textwrap.fill(row[column] or "(no caption yet)", 32), fontsize=8)
+        caption = textwrap.shorten(row[column], 96, placeholder=" ...") or "(no caption yet)"
+        ax.set_title(textwrap.fill(caption, 32), fontsize=8)  # at most 3 lines
     fig.tight_layout()
     return fig

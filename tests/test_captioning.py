@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from sdcourse import data
-from sdcourse.captioning import CaptionConfig, Captioner, caption_dataset, tags_to_caption
+from sdcourse.captioning import CaptionConfig, Captioner, caption_dataset, caption_from_tags, tags_to_caption
 from sdcourse.models import ModelLoadError
 
 
@@ -74,6 +74,17 @@ def test_caption_dataset_overwrite_other_column_and_sidecars(captioner, dataset)
     sidecar = (dataset / table.at[0, "file_name"]).with_suffix(".txt")
     assert sidecar.read_text() == table.at[0, "text"]
     assert not (dataset / table.at[1, "file_name"]).with_suffix(".txt").exists()  # only existing sidecars updated
+
+
+def test_caption_from_tags_fills_only_tagged_empty_rows(dataset):
+    table = data.read_metadata(dataset)
+    table["tags"] = ["", "red_circle white_background highres", "", "", "", "x"]
+    data.write_metadata(dataset, table)
+    result = caption_from_tags(dataset, CaptionConfig(suffix="flat colours"))
+    assert result.at[1, "text"] == "red circle, white background, flat colours"
+    assert result.at[4, "text"] == ""  # empty, but no tags to caption from
+    assert result.at[5, "text"] == table.at[5, "text"]  # had a caption: kept
+    assert caption_from_tags(dataset, CaptionConfig(overwrite=True)).at[5, "text"] == "x"
 
 
 def test_close_releases_the_model():
