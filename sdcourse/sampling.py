@@ -121,11 +121,9 @@ def load_unet(folder: str | Path, dtype=None, device=None):
 def finetuned_unets(outputs: str | Path) -> dict[str, Path]:
     """Notebook 03's results under ``outputs/finetune``: each checkpoint by step, then the final model."""
     finetune = Path(outputs) / "finetune"
-    found = {}
     checkpoints = {int(m.group(1)): d for d in (finetune / "checkpoints").glob("step-*")
                    if (m := re.fullmatch(r"step-(\d+)", d.name)) and (d / "unet").is_dir()}
-    for step in sorted(checkpoints):
-        found[f"step {step}"] = checkpoints[step]
+    found = {f"step {step}": checkpoints[step] for step in sorted(checkpoints)}
     if (finetune / "final" / "unet").is_dir():
         found["fine-tuned"] = finetune / "final"
     return found

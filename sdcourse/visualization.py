@@ -84,8 +84,10 @@ def image_grid(images: list[Image.Image], rows: int, cols: int, row_labels: list
         draw.multiline_text((x, title_h + pad), _wrap(draw, label, font, cell_w - 2 * pad), fill="black",
                             font=font, anchor="ma", align="center")
     for r, label in enumerate(row_labels or []):
-        y = title_h + col_h + r * cell_h + cell_h // 2
-        draw.multiline_text((pad, y), _wrap(draw, label, font, left - 2 * pad), fill="black", font=font, anchor="lm")
+        text = _wrap(draw, label, font, left - 2 * pad)
+        height = draw.multiline_textbbox((0, 0), text, font=font)[3]
+        # Centred by hand: older Pillows (Colab's) accept only top anchors for multi-line text.
+        draw.multiline_text((pad, title_h + col_h + r * cell_h + (cell_h - height) // 2), text, fill="black", font=font)
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
         x = left + c * cell_w + (cell_w - img.width) // 2
@@ -106,7 +108,7 @@ def save_with_settings(image: Image.Image, path: str | Path, settings: dict) -> 
 def enlarge(image: Image.Image, min_side: int = 256) -> Image.Image:
     """Scale a small image up by a whole factor (nearest neighbour: pixels stay visible squares)."""
     factor = max(1, -(-min_side // min(image.size)))
-    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
 def latents_to_rgb(latents: torch.Tensor, scale: int = 8) -> Image.Image:
@@ -118,7 +120,7 @@ def latents_to_rgb(latents: torch.Tensor, scale: int = 8) -> Image.Image:
     rgb = torch.einsum("chw,cr->rhw", latents.float().cpu(), SD1_LATENT_RGB_FACTORS)
     rgb = ((rgb + 1) / 2).clamp(0, 1)  # the factors map to roughly [-1, 1], like the VAE's pixels
     image = Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
-    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
 
 
 def tensor_to_image(x: torch.Tensor) -> Image.Image:
