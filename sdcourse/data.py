@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
-import io
 import os
 import re
 import shutil
@@ -37,7 +36,7 @@ from tqdm.auto import tqdm
 from .captioning import tags_to_caption
 
 TEXT_SUFFIXES = {".txt", ".csv", ".json", ".jsonl"}  # captions and metadata, not images
-NOT_IMAGE_SUFFIXES = {".mp4", ".webm", ".zip", ".swf", ".gif"}  # booru posts we skip without downloading
+VIDEO_SUFFIXES = {".mp4", ".webm", ".zip", ".swf"}  # booru posts we skip without downloading (.zip: ugoira)
 LOSSLESS_FORMATS = {"PNG", "GIF", "BMP", "TIFF"}
 KEEP_AS_IS_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}  # loadable everywhere: copied byte for byte
 RETRY_STATUSES = {429, 500, 502, 503, 504}
@@ -342,6 +341,8 @@ def parse_posts(payload, config: BooruConfig) -> list[Post]:
 def page_request(config: BooruConfig, tags: str, page: int) -> tuple[str, dict]:
     """URL and parameters of result page ``page`` (0-based) for ``tags``."""
     base = config.url.rstrip("/")
+    if not base.startswith(("https://", "http://")):  # requests' own error would print the URL, API key included
+        raise ValueError(f"BooruConfig.url must start with https://, got {base!r}")
     if config.api == "danbooru":
         return f"{base}/posts.json", {"tags": tags, "page": page + 1, "limit": config.page_size}
     if config.api == "dapi":
@@ -356,6 +357,12 @@ def search_booru(config: BooruConfig, tags: str, limit: int, http: HttpConfig = 
 
     Returns the posts and report entries for pages that failed (paging stops at the first one).
     """
+    def parse(response):
+        try:
+            return parse_posts(response.json() if response.content.strip() else [], config)
+        except ValueError as e:
+            raise FetchError(f"not a JSON page of posts ({e})") from None
+
     session = session or new_session(http)
     limiter = RateLimiter(config.min_interval)
     posts: dict[int, Post] = {}
@@ -363,13 +370,6 @@ def search_booru(config: BooruConfig, tags: str, limit: int, http: HttpConfig = 
     page = 0
     while len(posts) < limit:
         url, params = page_request(config, tags, page)
-
-        def parse(response):
-            try:
-                return parse_posts(response.json() if response.content.strip() else [], config)
-            except ValueError as e:
-                raise FetchError(f"not a JSON page of posts ({e})") from None
-
         try:
             found = get_with_retries(session, url, parse, http, params={**params, **config.credentials}, limiter=limiter)
         except FetchError as e:
@@ -399,7 +399,7 @@ def from_booru(config: BooruConfig, tags: str, folder: str | Path, limit: int, t
         if not post.file_url:
             candidate.error = "post has no file URL (deleted, or restricted to logged-in users)"
             skipped.append(candidate)
-        elif suffix in NOT_IMAGE_SUFFIXES:
+        elif suffix in VIDEO_SUFFIXES:
             candidate.error = f"post is a {suffix} file (video or animation), not a still image; not downloaded"
             skipped.append(candidate)
         else:
@@ -427,10 +427,15 @@ def from_hf_dataset(name: str, folder: str | Path, split: str = "train", image_c
     candidates = []
     for i, row in enumerate(tqdm(islice(rows, limit), total=limit, desc=f"Reading {name}", unit="img")):
         image = row[image_column]
-        suffix = Path(image.get("path") or "").suffix.lower() or ".img"
-        dest = folder / f"{i:06d}{suffix}"
-        if not dest.exists():
-            dest.write_bytes(image["bytes"] if image.get("bytes") else Path(image["path"]).read_bytes())
+        local = image.get("path") and Path(image["path"]).is_file()
+        if image.get("bytes") or local:
+            dest = folder / f"{i:06d}{Path(image.get('path') or '').suffix.lower() or '.img'}"
+            if not dest.exists():
+                dest.write_bytes(image["bytes"] or Path(image["path"]).read_bytes())
+        else:  # a file in a remote repository: let datasets open it (with the hub token, if any)
+            dest = folder / f"{i:06d}.png"
+            if not dest.exists():
+                datasets.Image().decode_example(image).save(dest)
         text = row.get(text_column) if text_column else ""
         candidates.append(Candidate(source=f"{name}[{split}][{i}]", path=dest, text=str(text or "")))
     return candidates
@@ -469,25 +474,26 @@ def load_image(path: Path, config: CleanConfig) -> tuple[Image.Image, str, tuple
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
-            img = Image.open(path)
-        if img.width * img.height > config.max_pixels:
-            raise BadImage(f"header claims {img.width}x{img.height} = {img.width * img.height / 1e6:.0f} Mpx, over "
-                           f"max_pixels ({config.max_pixels / 1e6:.0f} Mpx): a decompression bomb or a huge scan")
-        fmt, original_size = img.format or "", img.size
-        if getattr(img, "n_frames", 1) > 1:
-            notes.append(f"animated ({img.n_frames} frames): first frame kept")
-        if fmt == "JPEG" and max(img.size) > 2 * config.max_side_px:
-            img.draft("RGB", (config.max_side_px, config.max_side_px))  # let the JPEG decoder downscale: much faster
-        img.load()
+            source = Image.open(path)
+        with source:
+            if source.width * source.height > config.max_pixels:
+                raise BadImage(f"header claims {source.width}x{source.height} = {source.width * source.height / 1e6:.0f} Mpx, "
+                               f"over max_pixels ({config.max_pixels / 1e6:.0f} Mpx): a decompression bomb or a huge scan")
+            fmt, original_size = source.format or "", source.size
+            if getattr(source, "n_frames", 1) > 1:
+                notes.append(f"animated ({source.n_frames} frames): first frame kept")
+            if fmt == "JPEG" and max(source.size) > 2 * config.max_side_px:
+                source.draft("RGB", (config.max_side_px, config.max_side_px))  # the JPEG decoder downscales: much faster
+            source.load()
+            if source.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+                notes.append("rotated by its EXIF orientation")
+            img = ImageOps.exif_transpose(source)  # always a copy, so the file can be closed
     except Image.DecompressionBombError as e:
         raise BadImage(f"decompression bomb refused by Pillow: {e}") from None
     except UnidentifiedImageError:
         raise BadImage("not an image (Pillow cannot identify the content, whatever the extension)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"truncated or corrupt: {e}") from None
-    if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
-        img = ImageOps.exif_transpose(img)
-        notes.append("rotated by its EXIF orientation")
     if img.mode != "RGB":
         notes.append(f"converted {img.mode} to RGB")
         img = to_rgb(img)

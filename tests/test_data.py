@@ -38,7 +38,9 @@ def clean(tmp_path, files: dict, config=data.CleanConfig(resolution=64), **kwarg
 
 
 def output_image(out, report, source):
-    return Image.open(out / report.loc[source, "file_name"])
+    img = Image.open(out / report.loc[source, "file_name"])
+    img.load()  # reads and closes the file
+    return img
 
 
 # --- Bad and unusual files --------------------------------------------------------------------------
@@ -259,6 +261,8 @@ def test_url_downloads_retry_record_failures_and_resume(server, tmp_path):
     assert "HTTP 404" in results["missing.png"].error and server.statuses("/img/missing.png") == [404]  # not retried
     assert "cap" in results["big.png"].error and not list(tmp_path.glob("big*"))
     assert results["page.jpg"].path.exists()  # downloaded; the cleaner will call it "not an image"
+    [no_scheme] = data.from_urls(["www.example.com/a.png"], tmp_path, config)
+    assert "No scheme" in no_scheme.error  # recorded, not raised
     requests_before = len(server.log)
     again = data.from_urls(urls[:2], tmp_path, config)
     assert len(server.log) == requests_before  # resumed: valid files are not fetched again
@@ -342,6 +346,8 @@ def test_parse_posts_handles_each_api_shape():
                                 "tag_string": "t", "source": ""}], danbooru)
     assert post.file_url == "https://cdn/sample-1.jpg"
     assert data.parse_posts([], danbooru) == []
+    with pytest.raises(ValueError, match="must start with https://"):
+        data.page_request(data.BooruConfig("safebooru.org", credentials={"api_key": "k"}), "x", 0)
     with pytest.raises(ValueError, match="'danbooru' or 'dapi'"):
         data.page_request(data.BooruConfig(api="moebooru"), "x", 0)
 
