@@ -1,7 +1,7 @@
 """Attention, by hand and inside the UNet.
 
 ``attention_steps`` spells scaled dot-product attention out on small numbers (the worked example of
-notebook 00). ``cross_attention_maps`` records, during a real generation, how much each image
+notebook 00). ``recording_cross_attention`` records, during a real generation, how much each image
 position attends to each prompt token in the UNet's cross-attention layers.
 """
 
@@ -71,8 +71,19 @@ class CrossAttentionRecorder:
 
 
 @contextmanager
-def recording_cross_attention(pipe, latent_hw: tuple[int, int]):
-    """Put a ``CrossAttentionRecorder`` on every cross-attention layer; restore the processors afterwards."""
+def recording_cross_attention(pipe, height: int | None = None, width: int | None = None):
+    """Record cross-attention maps during whatever the pipeline generates inside the block.
+
+        with recording_cross_attention(pipe) as recorder:
+            image = pipe(prompt).images[0]
+        maps = recorder.maps()  # [77, h, w]: every text position, on the latent grid
+
+    ``height`` and ``width`` are the generated image's (default: the model's resolution). Generate one
+    image per prompt inside the block: the maps are those of the last image of each batch. The
+    original attention processors come back afterwards.
+    """
+    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    latent_hw = ((height or default) // pipe.vae_scale_factor, (width or default) // pipe.vae_scale_factor)
     original = pipe.unet.attn_processors
     recorder = CrossAttentionRecorder(latent_hw)
     pipe.unet.set_attn_processor({name: recorder if ".attn2." in name else proc for name, proc in original.items()})
@@ -82,20 +93,7 @@ def recording_cross_attention(pipe, latent_hw: tuple[int, int]):
         pipe.unet.set_attn_processor(original)
 
 
-@torch.no_grad()
-def cross_attention_maps(pipe, prompt: str, seed: int, steps: int, guidance_scale: float = 7.5,
-                         height: int | None = None, width: int | None = None):
-    """Generate one image and return (image, tokens, maps): one [h, w] map per prompt token.
-
-    ``tokens`` are the prompt's tokens between the start and end markers; ``maps`` holds all of the
-    text encoder's 77 positions (start marker, words, end marker and padding), which together sum to
-    1 at each latent position, the softmax at work. The start marker usually takes most of it.
-    """
-    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    ids = pipe.tokenizer(prompt, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
-    tokens = [t.removesuffix("</w>") for t in pipe.tokenizer.convert_ids_to_tokens(ids[1:-1])]
-    with recording_cross_attention(pipe, (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)) as rec:
-        image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
-                     generator=torch.Generator("cpu").manual_seed(seed)).images[0]
-    return image, tokens, rec.maps()
+def prompt_tokens(tokenizer, prompt: str) -> list[str]:
+    """The prompt's tokens as words, without the start and end markers: maps[1:1 + len(tokens)] are theirs."""
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    return [t.removesuffix("</w>") for t in tokenizer.convert_ids_to_tokens(ids[1:-1])]

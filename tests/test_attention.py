@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdcourse import attention, models
+from sdcourse import attention, models, sampling
 
 
 def test_worked_example_by_hand():
@@ -35,20 +35,29 @@ def pipe(tiny_sd_path):
     return models.load_pipeline(tiny_sd_path)
 
 
-def test_one_map_per_token_summing_to_one(pipe):
+@pytest.mark.parametrize("flavour", ["epsilon", "v_prediction"])  # SD 1.x and SD 2.x attention layouts
+def test_one_map_per_token_summing_to_one(flavour):
+    from sdcourse import tiny
+    pipe = models.load_pipeline(tiny.sd_path(flavour))
+    sampling.set_scheduler(pipe, "DDIM")  # one UNet call per step (PNDM makes one more)
     prompt = "a red circle on a blue background"
-    image, tokens, maps = attention.cross_attention_maps(pipe, prompt, seed=0, steps=2, height=64, width=96)
-    assert tokens == prompt.split()
+    with attention.recording_cross_attention(pipe, height=64, width=96) as recorder:
+        pipe(prompt, num_inference_steps=2, height=64, width=96)
+    maps = recorder.maps()
+    assert attention.prompt_tokens(pipe.tokenizer, prompt) == prompt.split()
     assert maps.shape == (pipe.tokenizer.model_max_length, 8, 12)  # every text position, on the latent grid
     assert torch.allclose(maps.sum(0), torch.ones(8, 12), atol=1e-5)
-    assert (maps >= 0).all() and image.size == (96, 64)
+    assert (maps >= 0).all()
+    # each cross-attention layer recorded once per step
+    layers = sum(".attn2." in name for name in pipe.unet.attn_processors)
+    assert recorder.calls == 2 * layers
 
 
 def test_recording_does_not_change_the_image(pipe):
-    from sdcourse import sampling
     sampling.set_scheduler(pipe, "DDIM")
     processors = pipe.unet.attn_processors
-    image, _, _ = attention.cross_attention_maps(pipe, "a blue square", seed=1, steps=2, height=64, width=64)
-    plain = sampling.generate(pipe, ["a blue square"], [1], steps=2, height=64, width=64)[0]
-    assert np.abs(np.asarray(image, dtype=int) - np.asarray(plain, dtype=int)).max() <= 1
+    with attention.recording_cross_attention(pipe):
+        recorded = sampling.generate(pipe, ["a blue square"], [1], steps=2)[0]
+    plain = sampling.generate(pipe, ["a blue square"], [1], steps=2)[0]
+    assert np.abs(np.asarray(recorded, dtype=int) - np.asarray(plain, dtype=int)).max() <= 1
     assert all(type(p) is type(processors[name]) for name, p in pipe.unet.attn_processors.items())
