@@ -1,0 +1,855 @@
+"""Fine-tune the UNet of Stable Diffusion on a folder of captioned images. One loop, top to bottom.
+
+    python -m sdcourse.train --config run.json            # one GPU (or the CPU, slowly)
+    accelerate launch -m sdcourse.train --config run.json # several GPUs
+    python -m sdcourse.train --write-config run.json      # the defaults, to edit
+
+The training step: pixels -> VAE latents (x the VAE's scaling factor) -> noise added at a random
+timestep -> the caption through the text encoder -> the UNet predicts the noise (epsilon models,
+SD 1.x) or the velocity (v-prediction, SD 2.x) -> MSE against it. Only the UNet learns.
+
+What makes it fit a 16 GB T4 (see ``sdcourse/memory.py`` for the arithmetic):
+latents and text embeddings are computed once and cached, then the VAE and text encoder leave the
+GPU; fp32 master weights with fp16 autocast and loss scaling (bf16 where the GPU has it); gradient
+checkpointing; 8-bit AdamW; and the optimizer step applied inside the backward pass, one parameter
+at a time, so a full set of gradients never exists (``FusedAdamW``).
+
+What makes it never lose a run: checkpoints written to a temporary folder and renamed, the last K
+kept; resuming restores weights, optimizer, loss scale, schedule position, RNG and data position,
+so a resumed run ends with the same weights as an uninterrupted one; a NaN loss stops the run with
+the last good checkpoint intact; unreadable images are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util as importlib_util
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import memory, models
+
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. Defaults are the source talk's: 30 epochs, batch 4, lr 5e-6, cosine, 6% warmup."""
+
+    model: str = "sd15"                  # preset (sd15, sd2, ...), hub id, or local pipeline folder
+    dataset: str = "outputs/dataset"     # folder with images and metadata.csv (file_name,text)
+    output_dir: str = "outputs/finetune" # checkpoints/, samples/, final/ go here
+    width: int = 512
+    height: int = 512
+    crop: str = "random"                 # "random" or "center"
+    flip: bool = False                   # random horizontal flip
+    buckets: bool = False                # aspect-ratio buckets (NovelAI): no cropping away of wide or tall images
+    epochs: int = 30
+    max_steps: int | None = None         # stop after this many optimizer steps (overrides epochs)
+    batch_size: int = 4
+    grad_accum: int = 1                  # micro-batches per optimizer step
+    lr: float = 5e-6
+    lr_schedule: str = "cosine"          # "cosine", "linear" or "constant", after linear warmup
+    warmup_ratio: float = 0.06
+    prediction_type: str | None = None   # None: the model's own ("epsilon" or "v_prediction")
+    min_snr_gamma: float | None = None   # e.g. 5.0: min-SNR loss weighting (Hang et al. 2023)
+    noise_offset: float = 0.0            # e.g. 0.05: helps very dark/bright images
+    ema_decay: float | None = None       # e.g. 0.9999: keep an EMA of the weights (on the CPU)
+    ema_every: int = 10                  # EMA update interval in steps (copying 3.4 GB to the CPU costs time)
+    optimizer: str = "adamw8bit"         # "adamw8bit" (bitsandbytes) or "adamw"
+    fused_step: bool = True              # optimizer step inside backward (needs grad_accum == 1, one GPU)
+    gradient_checkpointing: bool = True
+    mixed_precision: str = "auto"        # auto: fp16 on a T4, bf16 where supported, fp32 on a CPU
+    xformers: bool = False               # use xformers attention when it imports and a GPU exists; else PyTorch SDPA
+    cache_latents: bool = True           # encode every image and caption once, then free the VAE and text encoder
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = True                  # continue from the newest checkpoint in output_dir if there is one
+    validate_every: int = 500            # sample the validation prompts every N steps (0: never)
+    validation_prompts: list[str] = field(default_factory=lambda: ["a girl in a maid outfit holding a teapot"])
+    validation_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    validation_steps: int = 30
+    guidance_scale: float = 7.5
+    num_workers: int = 2
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        values = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown setting(s) {unknown}. Known settings: {sorted(known)}")
+        return cls(**values)
+
+    def check(self) -> None:
+        """Raise a clear error for a setting that cannot work, before anything is loaded."""
+        choices = {"crop": ("random", "center"), "lr_schedule": ("cosine", "linear", "constant"),
+                   "optimizer": ("adamw8bit", "adamw"), "mixed_precision": PRECISIONS,
+                   "prediction_type": (None, "epsilon", "v_prediction")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name} = {getattr(self, name)!r}; choose one of {allowed}")
+        if self.width % 8 or self.height % 8:
+            raise ValueError(f"width and height must be multiples of 8 (the VAE downsamples 8x); got {self.width}x{self.height}")
+        for name in ("batch_size", "grad_accum", "epochs", "checkpoint_every", "keep_checkpoints", "ema_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: metadata.csv + images -> cropped, resized pixel tensors
+
+def bucket_sizes(width: int, height: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """NovelAI-style buckets: sizes with about the area of width x height, aspect ratios up to 2:1.
+
+    Sides are multiples of 1/8 of the shorter side, rounded to the VAE's 8 px (64 px at 512x512).
+    """
+    step = max(8, min(width, height) // 64 * 8)
+    area, sizes = width * height, set()
+    for w in range(step, int(math.sqrt(area * max_ratio)) + 1, step):
+        h = area // w // step * step
+        if max(w / h, h / w) <= max_ratio:
+            sizes |= {(w, h), (h, w)}
+    return sorted(sizes)
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """Images and captions from ``metadata.csv`` (columns ``file_name,text``), ready for the VAE.
+
+    Item ``i`` is ``{"index", "text", "pixels" (3, H, W) in [-1, 1]}``, or ``"error"`` instead of
+    pixels when the image cannot be read: the training loop reports and skips it. Crops and flips
+    are drawn from (seed, epoch, index), so they are the same after a resume.
+    """
+
+    def __init__(self, folder: str | Path, width: int, height: int, crop: str = "random", flip: bool = False,
+                 buckets: bool = False, seed: int = 0):
+        import pandas as pd
+
+        self.folder, self.crop, self.flip, self.seed, self.epoch = Path(folder), crop, flip, seed, 0
+        csv = self.folder / "metadata.csv"
+        if not csv.exists():
+            raise FileNotFoundError(f"{csv} does not exist. A dataset folder holds the images and a metadata.csv "
+                                    "with columns file_name,text (notebooks 01 and 02 write one).")
+        table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+        missing = {"file_name", "text"} - set(table.columns)
+        if missing:
+            raise ValueError(f"{csv} has no column {sorted(missing)}; it needs file_name,text (it has {list(table.columns)}).")
+        blank = [i + 2 for i, name in enumerate(table.file_name) if not name.strip()]  # +2: header, 1-based
+        if blank:
+            raise ValueError(f"{csv}: empty file_name on line(s) {blank}. Fix or delete those lines.")
+        self.files, self.texts = list(table.file_name), list(table.text)
+        self.unreadable: dict[int, str] = {}
+        if buckets:
+            choices = bucket_sizes(width, height)
+            self.sizes = [self._bucket(i, choices) for i in range(len(self.files))]
+        else:
+            self.sizes = [(width, height)] * len(self.files)
+
+    def _bucket(self, i: int, choices: list[tuple[int, int]]) -> tuple[int, int] | None:
+        try:
+            with Image.open(self.folder / self.files[i]) as img:  # reads the header only
+                w, h = img.size
+        except OSError as e:
+            self.unreadable[i] = f"{type(e).__name__}: {e}"
+            return None
+        return min(choices, key=lambda s: abs(math.log(s[0] / s[1]) - math.log(w / h)))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"index": i, "text": self.texts[i]}
+        try:
+            with Image.open(self.folder / self.files[i]) as img:
+                item["pixels"] = self._transform(img.convert("RGB"), self.sizes[i], random.Random(f"{self.seed}/{self.epoch}/{i}"))
+        except OSError as e:  # missing, truncated or not an image (PIL's errors derive from OSError)
+            item["error"] = f"{type(e).__name__}: {e}"
+        return item
+
+    def _transform(self, img: Image.Image, size: tuple[int, int], rng: random.Random) -> torch.Tensor:
+        w, h = size
+        scale = max(w / img.width, h / img.height)  # cover the target, then crop the overhang
+        img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.BICUBIC)
+        dx, dy = img.width - w, img.height - h
+        left, top = (rng.randint(0, dx), rng.randint(0, dy)) if self.crop == "random" else (dx // 2, dy // 2)
+        img = img.crop((left, top, left + w, top + h))
+        if self.flip and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
+        return pixels.permute(2, 0, 1)
+
+
+def collate(items: list[dict]) -> dict:
+    good = [it for it in items if "pixels" in it]
+    return {"indices": [it["index"] for it in good], "texts": [it["text"] for it in good],
+            "pixels": torch.stack([it["pixels"] for it in good]) if good else None,
+            "errors": {it["index"]: it["error"] for it in items if "error" in it}}
+
+
+def epoch_batches(sizes: dict[int, tuple[int, int]], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's batches of dataset indices: shuffled, every batch from one size (bucket)."""
+    rng = random.Random(f"{seed}/{epoch}")
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, size in sorted(sizes.items()):
+        by_size.setdefault(size, []).append(i)
+    batches = []
+    for indices in by_size.values():
+        rng.shuffle(indices)
+        batches += [indices[k:k + batch_size] for k in range(0, len(indices), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# ----------------------------------------------------------------------------------------------
+# Models, encoding, caching
+
+@dataclass
+class Models:
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object  # DDPMScheduler: adds noise and defines the target
+
+
+def load_models(model_id: str, frozen_dtype: torch.dtype, prediction_type: str | None = None) -> Models:
+    """The five parts of a Stable Diffusion repository (or folder), the same calls for both."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", torch_dtype=frozen_dtype,
+                                                     use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=frozen_dtype, use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=torch.float32,
+                                                    use_safetensors=True)
+        noise_scheduler = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler")
+    except (OSError, ValueError) as e:
+        raise models.explain_load_error(model_id, e) from e
+    if prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=prediction_type)
+    text_encoder.requires_grad_(False).eval()
+    vae.requires_grad_(False).eval()
+    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler)
+
+
+@torch.no_grad()
+def encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
+    # The posterior's mean: SD's VAE has a tiny variance, and the mean needs no RNG to resume.
+    pixels = pixels.to(vae.device, vae.dtype)
+    return vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encode_texts(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+@dataclass
+class LatentCache:
+    """Every image's latents and every distinct caption's embedding, in fp16 on the CPU.
+
+    With a cache, each image is cropped/flipped once (the epoch-0 draw): the price of never running
+    the VAE again. 15,000 images at 512 px take about 0.5 GB of latents plus 118 KB per caption.
+    """
+    latents: dict[int, torch.Tensor]
+    embeddings: dict[str, torch.Tensor]
+
+
+def build_cache(dataset: CaptionedImages, m: Models, batch_size: int, report) -> LatentCache:
+    cache = LatentCache({}, {})
+    sizes = {i: s for i, s in enumerate(dataset.sizes) if s is not None}
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=epoch_batches(sizes, batch_size, 0, 0),
+                                         collate_fn=collate)
+    for batch in loader:
+        for i, error in batch["errors"].items():
+            report(i, error)
+        if batch["pixels"] is None:
+            continue
+        for i, latent in zip(batch["indices"], encode_pixels(m.vae, batch["pixels"])):
+            cache.latents[i] = latent.to("cpu", torch.float16)
+        new = sorted({t for t in batch["texts"] if t not in cache.embeddings})
+        if new:
+            for text, emb in zip(new, encode_texts(m.tokenizer, m.text_encoder, new)):
+                cache.embeddings[text] = emb.to("cpu", torch.float16)
+    return cache
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss
+
+def noise_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
+    """What the UNet learns to predict: the noise (epsilon) or the velocity (v-prediction)."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"prediction_type {kind!r} is not supported; use 'epsilon' or 'v_prediction'")
+
+
+def diffusion_loss(unet, noise_scheduler, latents, embeddings, generator: torch.Generator,
+                   noise_offset: float = 0.0, min_snr_gamma: float | None = None) -> torch.Tensor:
+    """Noise the latents at random timesteps, let the UNet predict, MSE against the target."""
+    b, c = latents.shape[:2]
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    if noise_offset:  # a per-channel shift lets the model learn overall brightness (Guttenberg 2023)
+        noise = noise + noise_offset * torch.randn((b, c, 1, 1), generator=generator, device=latents.device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator,
+                              device=latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = noise_target(noise_scheduler, latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, embeddings).sample
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma:  # weight = min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for velocity
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(noise_scheduler, timesteps)
+        weight = snr.clamp(max=min_snr_gamma)
+        loss = loss * weight / (snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr)
+    return loss.mean()
+
+
+def lr_factor(step: int, total_steps: int, warmup_ratio: float, schedule: str) -> float:
+    """Linear warmup over the first ``warmup_ratio`` of the steps, then cosine/linear decay to 0 or constant."""
+    warmup = round(total_steps * warmup_ratio)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[schedule]
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer: ordinary or fused into backward; fp16 loss scaling that works one parameter at a time
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 (what ``torch.amp.GradScaler`` does), usable per parameter.
+
+    GradScaler unscales and checks all gradients of an optimizer at once; the fused step needs
+    the same for one gradient at a time, inside backward. Disabled (scale 1) unless fp16.
+    """
+
+    def __init__(self, enabled: bool, scale: float = 2.0**16, growth_interval: int = 2000):
+        self.enabled, self.scale, self.growth_interval, self.good_steps = enabled, scale if enabled else 1.0, growth_interval, 0
+
+    def unscale_(self, grad: torch.Tensor) -> bool:
+        """Unscale in place; False when the gradient overflowed."""
+        if not self.enabled:
+            return True
+        grad.mul_(1.0 / self.scale)
+        return bool(torch.isfinite(grad).all())
+
+    def update(self, overflow: bool) -> None:
+        if not self.enabled:
+            return
+        if overflow:
+            self.scale, self.good_steps = self.scale / 2, 0
+        else:
+            self.good_steps += 1
+            if self.good_steps == self.growth_interval:
+                self.scale, self.good_steps = self.scale * 2, 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = state["scale"], state["good_steps"]
+
+
+def make_adamw(params, kind: str, lr: float):
+    if kind == "adamw8bit":
+        import bitsandbytes as bnb  # blockwise 8-bit states: 2 bytes per parameter instead of 8
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=1e-2)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+
+
+class UNetOptimizer:
+    """AdamW over the UNet's parameters, stepped after backward or fused into it.
+
+    Fused: every parameter gets its own optimizer, stepped by a hook the moment its gradient is
+    complete (``register_post_accumulate_grad_hook``); the gradient is freed right away, so peak
+    memory holds one gradient instead of all of them. This needs the whole gradient in one
+    backward: with gradient accumulation, or on several GPUs (their gradients are averaged after
+    the hook would fire), the ordinary step runs instead. With fp16, an overflowing gradient skips
+    its own and all later parameters' updates of that step (earlier ones in backward order are
+    already applied); this happens only while the loss scale calibrates in the first steps.
+    No gradient clipping: it needs the norm of all gradients before any step.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], kind: str, lr: float, scaler: LossScaler, fused: bool):
+        self.params, self.scaler, self.fused, self.lr, self.overflow = params, scaler, fused, lr, False
+        if fused:
+            self.optimizers = [make_adamw([p], kind, lr) for p in params]
+            for p, optimizer in zip(params, self.optimizers):
+                p.register_post_accumulate_grad_hook(lambda p, optimizer=optimizer: self._step_one(p, optimizer))
+        else:
+            self.optimizers = [make_adamw(params, kind, lr)]
+
+    def _step_one(self, p: torch.nn.Parameter, optimizer) -> None:
+        if not self.overflow and self.scaler.unscale_(p.grad):
+            optimizer.param_groups[0]["lr"] = self.lr
+            optimizer.step()
+        else:
+            self.overflow = True
+        p.grad = None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of the (scaled) loss; the fused step happens in here."""
+        (loss * self.scaler.scale).backward()
+
+    def step(self) -> None:
+        """After the last micro-batch of a step: the ordinary optimizer step, and the loss-scale update."""
+        if not self.fused:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            self.overflow = not all([self.scaler.unscale_(g) for g in grads])
+            optimizer = self.optimizers[0]
+            if grads and not self.overflow:
+                optimizer.param_groups[0]["lr"] = self.lr
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        self.scaler.update(self.overflow)
+        self.overflow = False
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers], "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        self.scaler.load_state_dict(state["scaler"])
+
+
+class CpuEMA:
+    """Exponential moving average of the UNet's weights, kept in CPU memory (no GPU cost)."""
+
+    def __init__(self, unet, decay: float):
+        self.decay = decay
+        self.weights = {name: p.detach().to("cpu", torch.float32, copy=True) for name, p in unet.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, unet, steps_since_last: int) -> None:
+        weight = 1 - self.decay ** steps_since_last  # as if updated at every one of those steps
+        for name, p in unet.named_parameters():
+            self.weights[name].lerp_(p.detach().to("cpu", torch.float32), weight)
+
+    @torch.no_grad()
+    def copy_to(self, unet) -> None:
+        for name, p in unet.named_parameters():
+            p.copy_(self.weights[name])
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary folder, then renamed (a rename is atomic); the last K kept
+
+def checkpoint_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).glob("step-*") if p.is_dir())
+
+
+def save_checkpoint(folder: Path, step: int, unet, training_state: dict, ema: CpuEMA | None, keep: int) -> Path:
+    """``folder/step-000500/`` with ``unet/`` (diffusers layout), ``training_state.pt`` and the EMA weights."""
+    from safetensors.torch import save_file
+
+    target = folder / f"step-{step:06d}"
+    tmp = folder / f".tmp-{target.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    torch.save(training_state, tmp / "training_state.pt")
+    if ema is not None:
+        save_file(ema.weights, tmp / "ema_unet.safetensors")
+    if target.exists():  # the same step saved again by a resumed run
+        shutil.rmtree(target)
+    tmp.rename(target)
+    for old in checkpoint_dirs(folder)[:-keep]:
+        shutil.rmtree(old)
+    return target
+
+
+def remove_unfinished_checkpoints(folder: Path) -> None:
+    for tmp in Path(folder).glob(".tmp-step-*"):
+        print(f"Removing {tmp.name}: a checkpoint that was interrupted while being written.")
+        shutil.rmtree(tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a learner watches: progress bar, live loss curve, validation images
+
+def in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and "IPKernelApp" in shell.config
+
+
+class LossCurve:
+    """The loss per step, redrawn in place in a notebook (one output, updated); saved as a PNG at the end."""
+
+    def __init__(self, live: bool):
+        import matplotlib.pyplot as plt
+
+        self.fig, self.ax = plt.subplots(figsize=(7, 3))
+        plt.close(self.fig)  # drawn only through the display handle, never twice
+        self.ax.set(xlabel="step", ylabel="loss (MSE)", title="Training loss")
+        (self.raw,) = self.ax.plot([], [], lw=0.8, alpha=0.4, label="per step")
+        (self.smooth,) = self.ax.plot([], [], lw=2, label="moving average")
+        self.ax.legend(loc="upper right")
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.handle = None
+        if live and in_notebook():
+            from IPython.display import display
+            self.handle = display(self.fig, display_id=True)
+
+    def add(self, step: int, loss: float) -> None:
+        self.steps.append(step)
+        self.losses.append(loss)
+
+    def draw(self) -> None:
+        window = max(1, len(self.losses) // 20)
+        smooth = np.convolve(self.losses, np.ones(window) / window, mode="valid")
+        self.raw.set_data(self.steps, self.losses)
+        self.smooth.set_data(self.steps[window - 1:], smooth)
+        self.ax.relim()
+        self.ax.autoscale_view()
+        if self.handle is not None:
+            self.handle.update(self.fig)
+
+
+def validation_grid(pipe, cfg: TrainConfig, step: int, frozen: list[torch.nn.Module], device, autocast):
+    """Images for the fixed prompts and seeds from the UNet as it is now (frozen parts visit the GPU)."""
+    from . import sampling, visualization
+
+    for module in frozen:
+        module.to(device)
+    pipe.unet.eval()
+    with autocast:
+        images = sampling.generate(pipe, cfg.validation_prompts, cfg.validation_seeds, steps=cfg.validation_steps,
+                                   guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width)
+    pipe.unet.train()
+    if cfg.cache_latents:  # they only came for this
+        for module in frozen:
+            module.to("cpu")
+    label = "base model (step 0)" if step == 0 else f"step {step}"
+    return visualization.image_grid(images, rows=len(cfg.validation_prompts), cols=len(cfg.validation_seeds),
+                                    row_labels=cfg.validation_prompts,
+                                    col_labels=[f"seed {s}" for s in cfg.validation_seeds], title=label)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    final_dir: Path
+    losses: list[float]          # one per optimizer step of this session
+    skipped: dict[str, str]      # unreadable image -> why
+    peak_gib: float | None       # measured peak GPU memory (CUDA only)
+    estimate: memory.MemoryEstimate
+
+
+def compute_dtype_for(setting: str, device: torch.device) -> torch.dtype:
+    from .runtime import pick_dtype
+
+    if setting == "auto":
+        return pick_dtype(device)
+    if setting == "fp16" and device.type != "cuda":
+        raise ValueError("mixed_precision='fp16' needs a GPU; on a CPU use 'fp32' (or 'bf16').")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[setting]
+
+
+def step_seed(seed: int, rank: int, micro_step: int) -> int:
+    """Noise and timesteps of each micro-batch come from (seed, rank, micro-step): a resume needs no RNG state."""
+    return random.Random(f"{seed}/{rank}/{micro_step}").getrandbits(63)
+
+
+def explain_oom(cfg: TrainConfig, estimate: memory.MemoryEstimate) -> str:
+    return (f"Out of GPU memory (estimated peak {estimate.total:.1f} GiB for batch_size={cfg.batch_size}, "
+            f"{cfg.width}x{cfg.height}). Settings that use less, in order of effect: batch_size=1 with "
+            f"grad_accum={cfg.batch_size} (same effective batch), gradient_checkpointing=True, "
+            "optimizer='adamw8bit', fused_step=True, cache_latents=True, a smaller width/height. "
+            "Restart the runtime first to release the memory; training resumes from the last checkpoint.")
+
+
+def train(cfg: TrainConfig, on_step=None) -> TrainResult:
+    """Run (or resume) the fine-tuning described by ``cfg``. ``on_step(step, loss)`` is called after each step."""
+    from accelerate import Accelerator
+    from diffusers import StableDiffusionPipeline
+    from tqdm.auto import tqdm
+
+    from .runtime import free_memory
+
+    cfg.check()
+    accelerator = Accelerator(mixed_precision="no")  # autocast and loss scaling are ours (see UNetOptimizer)
+    device, rank, world, main = (accelerator.device, accelerator.process_index, accelerator.num_processes,
+                                 accelerator.is_main_process)
+    say = accelerator.print
+    fused = cfg.fused_step and cfg.grad_accum == 1 and world == 1
+    if cfg.fused_step and not fused:
+        say("fused_step is off: it needs grad_accum=1 and a single GPU. Using the ordinary optimizer step.")
+    dtype = compute_dtype_for(cfg.mixed_precision, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    out = Path(cfg.output_dir)
+    checkpoints, samples = out / "checkpoints", out / "samples"
+    if main:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        samples.mkdir(parents=True, exist_ok=True)
+        remove_unfinished_checkpoints(checkpoints)
+        cfg.save(out / "config.json")
+    resume_from = checkpoint_dirs(checkpoints)[-1] if cfg.resume and checkpoint_dirs(checkpoints) else None
+
+    # Models. The UNet starts from the newest checkpoint when resuming, else from the base model.
+    model_id = models.resolve(cfg.model, smoke=False)
+    m = load_models(model_id, frozen_dtype=dtype, prediction_type=cfg.prediction_type)
+    if resume_from is not None:
+        from diffusers import UNet2DConditionModel
+        m.unet = UNet2DConditionModel.from_pretrained(resume_from, subfolder="unet", torch_dtype=torch.float32)
+    frozen = [m.vae, m.text_encoder]
+    for module in frozen:
+        module.to(device)
+
+    # Data, and the cache that lets the VAE and text encoder leave the GPU.
+    dataset = CaptionedImages(cfg.dataset, cfg.width, cfg.height, cfg.crop, cfg.flip, cfg.buckets, cfg.seed)
+    skipped: dict[str, str] = {}
+
+    def report(i: int, error: str) -> None:
+        if dataset.files[i] not in skipped:
+            skipped[dataset.files[i]] = error
+            (tqdm.write if main else (lambda _: None))(f"Skipping unreadable image {dataset.folder / dataset.files[i]}: {error}")
+
+    for i, error in dataset.unreadable.items():
+        report(i, error)
+    cache = None
+    if cfg.cache_latents:
+        say(f"Caching latents and text embeddings of {len(dataset)} images ...")
+        cache = build_cache(dataset, m, cfg.batch_size, report)
+        for module in frozen:
+            module.to("cpu")
+        free_memory()
+        sizes = {i: dataset.sizes[i] for i in cache.latents}
+    else:
+        sizes = {i: s for i, s in enumerate(dataset.sizes) if s is not None}
+    micro_per_epoch = len(epoch_batches(sizes, cfg.batch_size, cfg.seed, 0)) // world
+    if micro_per_epoch == 0:
+        raise ValueError(f"{cfg.dataset}: {len(sizes)} readable images make no batch for each of {world} processes.")
+    total_steps = cfg.max_steps or cfg.epochs * micro_per_epoch // cfg.grad_accum
+
+    def micro_batches(epoch: int, offset: int):
+        """(latents, embeddings) of this process's micro-batches of an epoch, from ``offset`` on (None: all unreadable)."""
+        batches = epoch_batches(sizes, cfg.batch_size, cfg.seed, epoch)[rank::world][:micro_per_epoch][offset:]
+        if cache is not None:
+            for b in batches:
+                latents = torch.stack([cache.latents[i] for i in b])
+                embeddings = torch.stack([cache.embeddings[dataset.texts[i]] for i in b])
+                yield latents.to(device, torch.float32), embeddings.to(device, torch.float32)
+            return
+        dataset.epoch = epoch
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+        for batch in loader:
+            for i, error in batch["errors"].items():
+                report(i, error)
+            if batch["pixels"] is None:
+                yield None
+                continue
+            yield (encode_pixels(m.vae, batch["pixels"]).float(),
+                   encode_texts(m.tokenizer, m.text_encoder, batch["texts"]).float())
+
+    # The UNet, its optimizer, and the state of an interrupted run.
+    unet = m.unet.to(device).train()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()  # recompute activations in backward: far less memory, ~30% slower
+    if cfg.xformers and device.type == "cuda" and importlib_util.find_spec("xformers"):
+        unet.enable_xformers_memory_efficient_attention()  # else PyTorch's scaled_dot_product_attention
+    optimizer = UNetOptimizer(list(unet.parameters()), cfg.optimizer, cfg.lr, LossScaler(dtype == torch.float16), fused)
+    ema = CpuEMA(unet, cfg.ema_decay) if cfg.ema_decay else None
+    step = 0
+    if resume_from is not None:
+        state = torch.load(resume_from / "training_state.pt", map_location=device, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        if ema is not None:
+            from safetensors.torch import load_file
+            ema.weights = load_file(resume_from / "ema_unet.safetensors")
+        say(f"Resuming from {resume_from} (step {step} of {total_steps}).")
+    estimate = memory.estimate_peak(unet, sum(p.numel() for f in frozen for p in f.parameters()),
+                                    batch_size=cfg.batch_size, width=cfg.width, height=cfg.height,
+                                    half_precision=dtype != torch.float32, optimizer=cfg.optimizer, fused_step=fused,
+                                    gradient_checkpointing=cfg.gradient_checkpointing, cache_latents=cfg.cache_latents)
+    say(estimate)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    pipe = None
+    if main and cfg.validate_every:  # the training UNet with the frozen parts: nothing is loaded twice
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model_id, unet=unet, vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.scheduler.register_to_config(prediction_type=m.noise_scheduler.config.prediction_type)
+        pipe.set_progress_bar_config(disable=True)
+    unet = accelerator.prepare(unet)  # DistributedDataParallel on several GPUs, unchanged on one
+
+    def validate(step: int) -> None:
+        if pipe is None:
+            return
+        grid = validation_grid(pipe, cfg, step, frozen, device, autocast)
+        path = samples / f"step-{step:06d}.png"
+        grid.save(path)
+        if in_notebook():
+            from IPython.display import display
+            display(grid)
+        else:
+            tqdm.write(f"Validation images: {path}")
+
+    def save(step: int) -> None:
+        if main:
+            save_checkpoint(checkpoints, step, accelerator.unwrap_model(unet),
+                            {"step": step, "optimizer": optimizer.state_dict()}, ema, cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    curve = LossCurve(live=main)
+    redraw_every = max(1, total_steps // 50)
+    if step == 0:
+        validate(0)
+    bar = tqdm(total=total_steps, initial=step, disable=not main, desc="training", unit="step")
+    images_done, clock, step_losses = 0, time.perf_counter(), []
+    micro, last_ema = step * cfg.grad_accum, step - step % cfg.ema_every
+    try:
+        while step < total_steps:
+            epoch, offset = divmod(micro, micro_per_epoch)
+            for inputs in micro_batches(epoch, offset):
+                micro += 1
+                if inputs is not None:
+                    latents, embeddings = inputs
+                    generator = torch.Generator(device).manual_seed(step_seed(cfg.seed, rank, micro))
+                    optimizer.lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup_ratio, cfg.lr_schedule)
+                    last_micro = micro % cfg.grad_accum == 0  # gradients are averaged across GPUs only then
+                    with contextlib.nullcontext() if last_micro else accelerator.no_sync(unet):
+                        with autocast:
+                            loss = diffusion_loss(unet, m.noise_scheduler, latents, embeddings, generator,
+                                                  cfg.noise_offset, cfg.min_snr_gamma)
+                        if not torch.isfinite(loss):
+                            last = checkpoint_dirs(checkpoints)
+                            raise TrainingDiverged(
+                                f"The loss became {loss.item()} at step {step + 1}; stopped before it reached the "
+                                f"weights. Last good checkpoint: {last[-1] if last else 'none yet'} (resume=True "
+                                "continues from it). Try a lower lr, mixed_precision='bf16' or 'fp32', or check the data.")
+                        optimizer.backward(loss / cfg.grad_accum)
+                    step_losses.append(loss.item())
+                    images_done += len(latents) * world
+                if micro % cfg.grad_accum:
+                    continue
+                optimizer.step()
+                step += 1
+                if ema is not None and (step % cfg.ema_every == 0 or step == total_steps):
+                    ema.update(accelerator.unwrap_model(unet), step - last_ema)
+                    last_ema = step
+                if step_losses:  # empty only when every image of the step was unreadable
+                    curve.add(step, sum(step_losses) / len(step_losses))
+                    step_losses = []
+                elapsed = time.perf_counter() - clock
+                bar.set_postfix(loss=f"{curve.losses[-1]:.4f}" if curve.losses else "-", lr=f"{optimizer.lr:.2e}",
+                                img_s=f"{images_done / elapsed:.1f}")
+                bar.update()
+                if step % redraw_every == 0:
+                    curve.draw()
+                if on_step is not None:
+                    on_step(step, curve.losses[-1] if curve.losses else None)
+                if step % cfg.checkpoint_every == 0 and step < total_steps:
+                    save(step)
+                if cfg.validate_every and step % cfg.validate_every == 0 and step < total_steps:
+                    validate(step)
+                if step == total_steps:
+                    break
+    except torch.cuda.OutOfMemoryError as e:
+        raise RuntimeError(explain_oom(cfg, estimate)) from e
+    finally:
+        bar.close()
+
+    peak = None
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / memory.GIB
+        say(f"Measured peak GPU memory: {peak:.2f} GiB (estimated {estimate.total:.2f} GiB).")
+    curve.draw()
+    if main:
+        curve.fig.savefig(out / "loss.png", dpi=100, bbox_inches="tight")
+    save(step)
+    validate(step)
+    final = out / "final"
+    if main:
+        unet = accelerator.unwrap_model(unet)
+        del optimizer
+        free_memory()
+        if ema is not None:
+            ema.copy_to(unet)
+        save_pipeline(model_id, m, unet, final)
+        say(f"Saved the fine-tuned pipeline to {final}")
+    accelerator.wait_for_everyone()
+    return TrainResult(final, curve.losses, skipped, peak, estimate)
+
+
+def save_pipeline(model_id: str, m: Models, unet, final: Path) -> None:
+    """A complete diffusers pipeline folder, every part in fp16 safetensors; written aside, then renamed."""
+    from diffusers import StableDiffusionPipeline
+
+    for module in (unet, m.vae, m.text_encoder):  # training is over: the fp32 master weights can go
+        module.to("cpu").half()
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_id, unet=unet, vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.scheduler.register_to_config(prediction_type=m.noise_scheduler.config.prediction_type)
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Fine-tune the UNet of Stable Diffusion (see sdcourse/train.py).")
+    parser.add_argument("--config", type=Path, help="a JSON file saved by TrainConfig.save (or the notebook's panel)")
+    parser.add_argument("--write-config", type=Path, metavar="PATH", help="write the default config to PATH and exit")
+    args = parser.parse_args(argv)
+    if args.write_config:
+        print(f"Wrote {TrainConfig().save(args.write_config)}; edit it, then: python -m sdcourse.train --config {args.write_config}")
+        return 0
+    if args.config is None:
+        parser.error("--config is required (or --write-config to create one)")
+    try:
+        result = train(TrainConfig.load(args.config))
+    except (models.ModelLoadError, TrainingDiverged, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"Done: {result.final_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
