@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-# Linear map from the 4 channels of an SD 1.x latent (scaled by the VAE's 0.18215) to RGB, the 4x3
-# factors ComfyUI uses for its cheap previews (comfy/latent_formats.py, class SD15), fitted by
-# regressing decoded pixels on latents. SD 2.x shares the SD 1.x VAE, so they fit it too.
+# Linear map from the 4 channels of an SD 1.x latent (already multiplied by the VAE's scaling factor
+# 0.18215, as the pipeline's latents are) to RGB in about [-1, 1]: the 4x3 factors ComfyUI uses for its
+# cheap previews (github.com/comfyanonymous/ComfyUI, comfy/latent_formats.py, class SD15). SD 2.x uses
+# the same VAE latent space, and ComfyUI the same factors for it.
 SD1_LATENT_RGB_FACTORS = torch.tensor([
     #  R        G        B
     [0.3512, 0.2297, 0.3227],

@@ -108,9 +108,14 @@ def sampler_panel(pipe, prompt: str, negative_prompt: str = "", steps: int = 30,
                 image = sampling.generate(pipe, [prompt_box.value], [seed_box.value], steps=steps_slider.value,
                                           guidance_scale=guidance_slider.value, height=height, width=width,
                                           negative_prompt=negative_box.value or None, freeu=freeu_box.value)[0]
+        except Exception as error:  # a button's callback fails silently in Colab: say it in the panel too
+            caption.value = f"Generation failed: {type(error).__name__}: {error}"
+            raise
+        else:
             picture.value = _png_bytes(image)
-            caption.value = (f"{model_menu.value}: {scheduler_menu.value}, {steps_slider.value} steps, guidance {guidance_slider.value}, "
-                             f"seed {seed_box.value}{', FreeU' if freeu_box.value else ''}")
+            caption.value = (f"{model_menu.value}: {scheduler_menu.value}, {steps_slider.value} steps, "
+                             f"guidance {guidance_slider.value}, seed {seed_box.value}"
+                             f"{', FreeU' if freeu_box.value else ''}")
         finally:
             button.disabled = False
 

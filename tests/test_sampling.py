@@ -190,3 +190,15 @@ def test_xy_cells_match_single_generations(pipe):
     assert same(cells[1:2], euler_3)  # row "Euler", column "3 steps"
     sampling.set_scheduler(pipe, "DDIM")
     assert same(cells[2:3], sampling.generate(pipe, PROMPTS, [0], steps=2, guidance_scale=5.0, **SIZE))
+
+
+def test_sampler_panel_reports_a_failed_generation(pipe, monkeypatch):
+    from sdcourse import widgets
+    panel = widgets.sampler_panel(pipe, PROMPTS[0], steps=2, **SIZE)
+    (button, caption) = panel.children[-2].children
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(sampling, "generate", out_of_memory)
+    button.click()  # ipywidgets reports the traceback itself; the panel must say it too
+    assert caption.value == "Generation failed: OutOfMemoryError: CUDA out of memory" and not button.disabled
