@@ -70,7 +70,7 @@ class Captioner:
         dtype = dtype if device.type == "cuda" else torch.float32
         try:
             processor = BlipProcessor.from_pretrained(model_id)
-            # Load in fp32 and cast: the dtype keyword differs between transformers 4 and 5.
+            # Load in fp32, then cast: the dtype argument is torch_dtype= in older transformers 4, dtype= since.
             model = BlipForConditionalGeneration.from_pretrained(model_id, use_safetensors=True)
         except (OSError, ValueError) as e:
             raise explain_load_error(model_id, e) from e
@@ -82,7 +82,7 @@ class Captioner:
         inputs = self.processor(images=[img.convert("RGB") for img in images], return_tensors="pt")
         pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
         if config.sampling:
-            torch.manual_seed(config.seed)
+            torch.manual_seed(config.seed)  # generate() draws from the global generator
             search = dict(do_sample=True, top_p=config.top_p, num_beams=1)
         else:
             search = dict(do_sample=False, num_beams=config.num_beams)
