@@ -119,6 +119,8 @@ def caption_dataset(captioner: Captioner, dataset_dir: str | Path, config: Capti
 
     dataset_dir = Path(dataset_dir)
     table, todo = _rows_to_caption(dataset_dir, config)
+    if todo.empty:
+        return table
     began = time.perf_counter()
     progress = tqdm(total=len(todo), desc="Captioning", unit="img")  # shows images per second
     done_since_save = 0
