@@ -304,7 +304,7 @@ def from_urls(urls: list[str], folder: str | Path, config: HttpConfig = HttpConf
 class BooruConfig:
     url: str = "https://safebooru.org"
     api: str = "dapi"            # "dapi" (Gelbooru, Safebooru: index.php?page=dapi) or "danbooru" (/posts.json)
-    page_size: int = 100         # posts per API request (both APIs cap it: 100 on Gelbooru-likes, 200 on Danbooru)
+    page_size: int = 100         # posts per API request (sites cap it; Danbooru at 200)
     min_interval: float = 1.0    # seconds between API requests: stay well under the site's rate limit
     prefer_sample: bool = True   # the site's resized copy (~850 px) instead of the original: 5-10x less to download
     credentials: dict = field(default_factory=dict, repr=False)  # API key parameters; sent to this API only, never printed
