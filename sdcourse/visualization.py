@@ -112,6 +112,14 @@ def enlarge(image: Image.Image, min_side: int = 256) -> Image.Image:
     return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
+def fit(image: Image.Image, max_side: int) -> Image.Image:
+    """Scale a large image down to at most ``max_side`` pixels a side, keeping its aspect ratio."""
+    scale = max_side / max(image.size)
+    if scale >= 1:
+        return image
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+
+
 def latents_to_rgb(latents: torch.Tensor, scale: int = 8) -> Image.Image:
     """The cheap preview: a [4, h, w] latent through the linear 4->3 map, no VAE, upscaled ``scale`` x.
 
@@ -143,11 +151,12 @@ def save_gif(frames: list[Image.Image], path: str | Path, ms_per_frame: int = 40
     return path
 
 
-def denoising_pictures(pipe, trace, min_cell: int = 192) -> tuple[Image.Image, list[Image.Image]]:
+def denoising_pictures(pipe, trace, min_cell: int = 192, max_cell: int = 256) -> tuple[Image.Image, list[Image.Image]]:
     """A ``sampling.DenoisingTrace`` as the talk's figure, and as one frame per step (for a GIF or a slider).
 
     Grid: one column per captured step; rows show the noisy latent through the VAE, the x0 estimate
-    through the cheap linear preview, and the x0 estimate through the VAE.
+    through the cheap linear preview, and the x0 estimate through the VAE. Its cells are scaled to
+    at most ``max_cell`` pixels a side so many steps still fit a screen; the frames keep full size.
     """
     from .sampling import decode_latents
 
@@ -155,7 +164,7 @@ def denoising_pictures(pipe, trace, min_cell: int = 192) -> tuple[Image.Image, l
     x0 = decode_latents(pipe, torch.stack(trace.x0))
     previews = [latents_to_rgb(z, scale=pipe.vae_scale_factor) for z in trace.x0]
     steps = [f"step {s}/{trace.total_steps}" for s in trace.steps]
-    grid = image_grid(noisy + previews + x0, rows=3, cols=len(steps), col_labels=steps,
+    grid = image_grid([fit(img, max_cell) for img in noisy + previews + x0], rows=3, cols=len(steps), col_labels=steps,
                       row_labels=["noisy latent, VAE decode", "x0 estimate, linear preview", "x0 estimate, VAE decode"],
                       title=f'"{trace.prompt}", seed {trace.seed}', min_cell=min_cell)
     frames = [image_grid([p, d], rows=1, cols=2, col_labels=["linear preview", "VAE decode"], title=s,

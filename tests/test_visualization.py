@@ -89,6 +89,11 @@ def test_enlarge_keeps_the_aspect_ratio_with_whole_factors():
     assert viz.enlarge(Image.new("RGB", (512, 512))).size == (512, 512)
 
 
+def test_fit_shrinks_large_images_only_and_keeps_the_aspect_ratio():
+    assert viz.fit(Image.new("RGB", (512, 384)), 256).size == (256, 192)
+    assert viz.fit(Image.new("RGB", (64, 64)), 256).size == (64, 64)
+
+
 def test_tensor_to_image_maps_pixel_range_and_greyscale():
     rgb = viz.tensor_to_image(torch.tensor([-1.0, 0.0, 1.0]).view(3, 1, 1).expand(3, 2, 2))
     assert np.asarray(rgb)[0, 0].tolist() == [0, 128, 255]
