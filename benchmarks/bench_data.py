@@ -57,7 +57,8 @@ def bench_clean(count: int) -> None:
 
 def bench_caption(count: int, max_length: int) -> None:
     import torch
-    from transformers import BlipConfig, BlipForConditionalGeneration
+    # BlipImageProcessor, not the Pil class: the benchmark also runs under Colab's transformers 4.
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     from sdcourse.captioning import CaptionConfig, Captioner
 
@@ -67,14 +68,12 @@ def bench_caption(count: int, max_length: int) -> None:
     # BlipConfig's defaults are blip-image-captioning-base's sizes: ViT-B/16 at 384 px, a BERT-base decoder.
     model = BlipForConditionalGeneration(BlipConfig())
     params = sum(p.numel() for p in model.parameters())
-    with tempfile.TemporaryDirectory() as tmp:
-        from transformers import BertTokenizer, BlipProcessor
-        from transformers.models.blip import BlipImageProcessorPil
-
+    with tempfile.TemporaryDirectory() as tmp:  # a stand-in vocabulary: the words do not change the cost
         (Path(tmp) / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
                                                         + [f"w{i}" for i in range(100)]) + "\n")
         tokenizer = BertTokenizer.from_pretrained(tmp, bos_token="[DEC]")
-    processor = BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 384, "width": 384}), tokenizer=tokenizer)
+    image_processor = BlipImageProcessor(size={"height": 384, "width": 384})
+    processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
     captioner = Captioner(model.to(device=device, dtype=dtype).eval(), processor, device, dtype)
     images = [Image.new("RGB", (512, 512), (i * 7 % 255, 90, 160)) for i in range(count)]
     config = CaptionConfig(num_beams=3, max_length=max_length)
