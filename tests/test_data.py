@@ -308,9 +308,9 @@ def test_booru_stops_at_the_last_page(tmp_path):
 
 
 def test_booru_rate_limit_is_respected_or_recovered(tmp_path):
-    trouble = Trouble(min_interval=0.25, retry_after=1)
+    trouble = Trouble(min_interval=0.2, retry_after=1)
     with LocalBooru.from_sample(trouble=trouble, lifetime=60) as booru:
-        polite = data.BooruConfig(booru.url, api="dapi", page_size=4, min_interval=0.3)
+        polite = data.BooruConfig(booru.url, api="dapi", page_size=4, min_interval=0.4)  # margin for jitter
         posts, _ = data.search_booru(polite, "", limit=12, http=FAST)
         assert len(posts) == 12 and 429 not in booru.statuses()
         booru.log.clear()
