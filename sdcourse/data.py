@@ -421,8 +421,10 @@ def from_hf_dataset(name: str, folder: str | Path, split: str = "train", image_c
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows = datasets.load_dataset(name, split=split, streaming=True, **load_kwargs)
-    if image_column not in rows.column_names:
-        raise ValueError(f"{name} has no column {image_column!r}; its columns are {rows.column_names}")
+    columns = rows.column_names  # None when a streamed dataset does not declare its features
+    for wanted in (image_column, text_column):
+        if wanted and columns is not None and wanted not in columns:
+            raise ValueError(f"{name} has no column {wanted!r}; its columns are {columns}")
     rows = rows.cast_column(image_column, datasets.Image(decode=False))  # keep the original bytes: decode once, later
     candidates = []
     for i, row in enumerate(tqdm(islice(rows, limit), total=limit, desc=f"Reading {name}", unit="img")):

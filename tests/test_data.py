@@ -371,6 +371,8 @@ def test_from_hf_dataset_streams_original_bytes(tmp_path, sample_dir):
     assert all(c.path.read_bytes() in originals for c in candidates)
     with pytest.raises(ValueError, match="no column 'picture'"):
         data.from_hf_dataset("imagefolder", tmp_path, image_column="picture", data_dir=str(sample_dir))
+    with pytest.raises(ValueError, match=r"no column 'caption'; its columns are \['image', 'text'\]"):
+        data.from_hf_dataset("imagefolder", tmp_path, text_column="caption", data_dir=str(sample_dir))
 
 
 def test_practice_problem_files_teach_what_they_say(tmp_path):
