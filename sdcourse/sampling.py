@@ -7,7 +7,7 @@
 
 The base model and its fine-tunes share the VAE, the text encoder and the tokenizer (only the UNet
 is trained), so one pipeline serves them all: swapping its UNet costs one UNet in memory
-(1.6 GiB in fp16 for SD 1.5), not a second pipeline.
+(1.7 GB in fp16 for SD 1.5), not a second pipeline.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 30, guidan
              *, freeu: bool = False) -> list[Image.Image]:
     """One image per (prompt, seed), prompt-major: [p0s0, p0s1, ..., p1s0, ...]. Same seeds, same images.
 
-    The starting noise comes from a CPU generator, so a seed gives the same picture on any GPU.
+    The starting noise comes from a CPU generator, so a seed gives the same starting noise on any device.
     """
     set_freeu(pipe, freeu)
     images = []
