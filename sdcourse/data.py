@@ -634,6 +634,10 @@ def build_dataset(candidates: list[Candidate], out_dir: str | Path, config: Clea
     candidate. ``sidecar_captions`` also writes ``images/<name>.txt`` (kohya / AUTOMATIC1111 style).
     """
     out_dir = Path(out_dir)
+    inside = [c.source for c in candidates if c.path and out_dir.resolve() in Path(c.path).resolve().parents]
+    if inside:
+        raise ValueError(f"{len(inside)} inputs (e.g. {inside[0]}) are inside {out_dir}, the folder being written: "
+                         "read from the original images, or write the dataset to another folder.")
     if (out_dir / "metadata.csv").exists():
         if not overwrite:
             raise FileExistsError(f"{out_dir} already holds a dataset (captions you edited in notebook 02 live in its "

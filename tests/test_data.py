@@ -210,6 +210,13 @@ def test_nothing_kept_raises_after_saving_the_report(tmp_path):
     assert pd.read_csv(tmp_path / "out" / "report.csv")["reason"].tolist() == ["empty file (0 bytes)"]
 
 
+def test_a_dataset_cannot_be_rebuilt_from_itself(tmp_path):
+    report, out = clean(tmp_path, {"one.png": png_bytes(shape())})
+    with pytest.raises(ValueError, match="inside .*out, the folder being written"):
+        data.build_dataset(data.from_folder(out), out, overwrite=True)
+    assert data.read_metadata(out)["file_name"].tolist() == [report.loc["one.png", "file_name"]]  # untouched
+
+
 def test_existing_dataset_is_not_replaced_unless_asked(tmp_path):
     report, out = clean(tmp_path, {"one.png": png_bytes(shape())})
     with pytest.raises(FileExistsError, match="overwrite=True"):
