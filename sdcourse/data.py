@@ -38,7 +38,7 @@ from .captioning import tags_to_caption
 TEXT_SUFFIXES = {".txt", ".csv", ".json", ".jsonl"}  # captions and metadata, not images
 VIDEO_SUFFIXES = {".mp4", ".webm", ".zip", ".swf"}  # booru posts we skip without downloading (.zip: ugoira)
 LOSSLESS_FORMATS = {"PNG", "GIF", "BMP", "TIFF"}
-KEEP_AS_IS_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}  # loadable everywhere: copied byte for byte
+KEEP_AS_IS_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}  # copied byte for byte when nothing changed
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 
 
@@ -609,14 +609,15 @@ def clean_one(candidate: Candidate, out_dir: Path, config: CleanConfig, duplicat
         img.thumbnail((config.max_side_px, config.max_side_px), Image.Resampling.LANCZOS, reducing_gap=3.0)
     if sorted(img.size) != sorted(original_size):  # (sorted: an EXIF rotation swaps the sides)
         notes.append("downscaled from {}x{}".format(*original_size))
-    suffix = KEEP_AS_IS_FORMATS.get(fmt, ".png" if fmt in LOSSLESS_FORMATS else ".jpg")
+    unchanged = not notes and fmt in KEEP_AS_IS_FORMATS
+    suffix = KEEP_AS_IS_FORMATS[fmt] if unchanged else ".png" if fmt in LOSSLESS_FORMATS else ".jpg"
     name = output_name(candidate, suffix)
     duplicate = duplicates.check(img, name)
     if duplicate:
         return {**row, "status": "dropped", "reason": duplicate, "width": img.width, "height": img.height}
     dest = out_dir / name
-    if not notes and fmt in KEEP_AS_IS_FORMATS:
-        shutil.copyfile(candidate.path, dest)  # unchanged: keep the original bytes, no re-encoding loss
+    if unchanged:
+        shutil.copyfile(candidate.path, dest)  # keep the original bytes: no re-encoding loss
     elif suffix == ".jpg":
         img.save(dest, quality=config.jpeg_quality)
     else:
@@ -638,12 +639,11 @@ def build_dataset(candidates: list[Candidate], out_dir: str | Path, config: Clea
     if inside:
         raise ValueError(f"{len(inside)} inputs (e.g. {inside[0]}) are inside {out_dir}, the folder being written: "
                          "read from the original images, or write the dataset to another folder.")
-    if (out_dir / "metadata.csv").exists():
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} already holds a dataset (captions you edited in notebook 02 live in its "
-                                  "metadata.csv). Pass overwrite=True to replace it, or choose another folder.")
-        shutil.rmtree(out_dir / "images", ignore_errors=True)
-        (out_dir / "metadata.csv").unlink()
+    if (out_dir / "metadata.csv").exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds a dataset (captions you edited in notebook 02 live in its "
+                              "metadata.csv). Pass overwrite=True to replace it, or choose another folder.")
+    shutil.rmtree(out_dir / "images", ignore_errors=True)  # no stale images from an earlier build
+    (out_dir / "metadata.csv").unlink(missing_ok=True)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     duplicates = DuplicateFinder(config)
     rows, metadata = [], []

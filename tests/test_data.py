@@ -114,10 +114,13 @@ def test_small_dropped_and_large_downscaled_relative_to_resolution(tmp_path):
     assert "downscaled from 2000x2000" in report.loc["large.jpg", "reason"]
 
 
-def test_unchanged_files_are_copied_byte_for_byte(tmp_path):
+def test_unchanged_files_are_copied_byte_for_byte_changed_ones_reencoded(tmp_path):
     original = png_bytes(shape(), "JPEG", quality=70)
-    report, out = clean(tmp_path, {"photo.jpg": original})
+    report, out = clean(tmp_path, {"photo.jpg": original, "big.webp": png_bytes(shape(size=400), "WEBP"),
+                                   "big.gif": png_bytes(shape(size=400), "GIF")})
     assert (out / report.loc["photo.jpg", "file_name"]).read_bytes() == original
+    assert report.loc["big.webp", "file_name"].endswith(".jpg")  # downscaled: lossy stays lossy, at quality 95
+    assert report.loc["big.gif", "file_name"].endswith(".png")  # lossless stays lossless
 
 
 def test_exact_and_near_duplicates_dropped(tmp_path):
