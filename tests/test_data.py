@@ -116,8 +116,8 @@ def test_small_dropped_and_large_downscaled_relative_to_resolution(tmp_path):
 
 def test_unchanged_files_are_copied_byte_for_byte_changed_ones_reencoded(tmp_path):
     original = png_bytes(shape(), "JPEG", quality=70)
-    report, out = clean(tmp_path, {"photo.jpg": original, "big.webp": png_bytes(shape(size=400), "WEBP"),
-                                   "big.gif": png_bytes(shape(size=400), "GIF")})
+    report, out = clean(tmp_path, {"photo.jpg": original, "big.webp": png_bytes(shape("blue", size=400), "WEBP"),
+                                   "big.gif": png_bytes(shape("green", "square", size=400), "GIF")})
     assert (out / report.loc["photo.jpg", "file_name"]).read_bytes() == original
     assert report.loc["big.webp", "file_name"].endswith(".jpg")  # downscaled: lossy stays lossy, at quality 95
     assert report.loc["big.gif", "file_name"].endswith(".png")  # lossless stays lossless
