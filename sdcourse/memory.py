@@ -3,8 +3,8 @@
 Peak memory of UNet training is a sum of parts that depend on the settings in plain ways:
 
 - weights: fp32 master weights, 4 bytes per parameter, always;
-- half-precision weight copies: autocast casts each weight to fp16/bf16 once and keeps the copy
-  until the forward/backward region ends (2 bytes per parameter);
+- half-precision weight copies: autocast casts each weight to fp16/bf16 once and caches the copy
+  until the forward pass ends (2 bytes per parameter), unless its cache is off, as in our loop;
 - gradients: 4 bytes per parameter, unless the optimizer step is fused into the backward pass
   (then a parameter's gradient is freed as soon as it is used: only the largest one exists at once);
 - optimizer states: AdamW keeps two moments, 8 bytes per parameter; 8-bit AdamW 2 bytes;
@@ -29,6 +29,24 @@ ACTIVATION_GIB_PER_IMAGE = {"checkpointing": 0.75, "no_checkpointing": 6.0}
 REFERENCE_LATENT_AREA = 64 * 64
 REFERENCE_WIDTH = 320
 
+# The published architecture of stable-diffusion-v1-5's unet/config.json, so that estimates (and the
+# benchmarks) need no download. SD 2's UNet is the same size within 1%.
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+SD15_FROZEN_PARAMS = 83_653_863 + 123_060_480  # its VAE and CLIP ViT-L/14 text encoder, counted from their configs
+
+
+def sd15_unet_shape():
+    """SD 1.5's UNet on the meta device: its parameters' shapes, no memory, no download."""
+    from diffusers import UNet2DConditionModel
+    import torch
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(**SD15_UNET_CONFIG)
+
 
 @dataclass
 class MemoryEstimate:
@@ -39,14 +57,22 @@ class MemoryEstimate:
         return sum(self.parts.values())
 
     def __str__(self) -> str:
-        lines = [f"  {name:<34}{gib:6.2f} GiB" for name, gib in self.parts.items() if gib > 0.005]
+        lines = [f"  {name:<42}{gib:6.2f} GiB" for name, gib in self.parts.items() if gib > 0.005]
         return "\n".join(["Estimated peak GPU memory (an estimate, see sdcourse/memory.py):", *lines,
-                          f"  {'total':<34}{self.total:6.2f} GiB"])
+                          f"  {'total':<42}{self.total:6.2f} GiB"])
+
+
+def estimate_for_config(cfg, unet=None, half_precision: bool = True) -> MemoryEstimate:
+    """The estimate for a ``TrainConfig`` on a GPU (SD 1.5's UNet unless ``unet`` is given)."""
+    fused = cfg.fused_step and cfg.grad_accum == 1
+    return estimate_peak(unet or sd15_unet_shape(), SD15_FROZEN_PARAMS, batch_size=cfg.batch_size, width=cfg.width,
+                         height=cfg.height, half_precision=half_precision, optimizer=cfg.optimizer, fused_step=fused,
+                         gradient_checkpointing=cfg.gradient_checkpointing, cache_latents=cfg.cache_latents)
 
 
 def estimate_peak(unet, frozen_params: int, *, batch_size: int, width: int, height: int, half_precision: bool,
                   optimizer: str, fused_step: bool, gradient_checkpointing: bool, cache_latents: bool,
-                  ema_on_gpu: bool = False) -> MemoryEstimate:
+                  autocast_cache: bool = False, ema_on_gpu: bool = False) -> MemoryEstimate:
     """Peak GPU memory of a training step for these settings; ``frozen_params``: VAE + text encoder."""
     params = list(unet.parameters())
     n = sum(p.numel() for p in params)
@@ -56,7 +82,7 @@ def estimate_peak(unet, frozen_params: int, *, batch_size: int, width: int, heig
     half = 2 if half_precision else 4  # bytes per value of the frozen models and of activations
     parts = {
         "UNet weights (fp32 master copy)": 4 * n / GIB,
-        "half-precision weight copies": 2 * n / GIB if half_precision else 0.0,
+        "autocast's cached half-precision weights": 2 * n / GIB if half_precision and autocast_cache else 0.0,
         "gradients": 4 * (largest if fused_step else n) / GIB,
         "optimizer states": (2 if optimizer == "adamw8bit" else 8) * n / GIB,
         "EMA weights": 4 * n / GIB if ema_on_gpu else 0.0,

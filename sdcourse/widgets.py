@@ -63,6 +63,89 @@ def caption_editor(dataset_dir, column: str = "text", size: int = 320):
 
 # --- Notebook 03: training config panel (issue 4) ---
 
+def training_config_panel(cfg, config_path="train_config.json"):
+    """Edit a ``TrainConfig`` in place, see the T4 memory estimate change, save or load it as JSON.
+
+    Optional settings (max steps, min-SNR gamma, EMA decay) are off at 0. The estimate is for SD
+    1.5's UNet on a T4 in fp16, whatever model the config names (see ``sdcourse/memory.py``).
+    """
+    import dataclasses
+
+    import ipywidgets as w
+
+    from . import memory
+    from .train import TrainConfig
+
+    unet = memory.sd15_unet_shape()
+    wide = {"style": {"description_width": "150px"}, "layout": w.Layout(width="330px")}
+    boxes = {
+        "epochs": w.BoundedIntText(min=1, max=1000, description="epochs", **wide),
+        "max_steps": w.BoundedIntText(min=0, max=10**7, description="max steps (0: epochs)", **wide),
+        "batch_size": w.BoundedIntText(min=1, max=64, description="batch size", **wide),
+        "grad_accum": w.BoundedIntText(min=1, max=64, description="gradient accumulation", **wide),
+        "lr": w.FloatText(description="learning rate", **wide),
+        "lr_schedule": w.Dropdown(options=["cosine", "linear", "constant"], description="schedule", **wide),
+        "warmup_ratio": w.BoundedFloatText(min=0, max=1, step=0.01, description="warmup ratio", **wide),
+        "width": w.BoundedIntText(min=64, max=2048, step=64, description="width", **wide),
+        "height": w.BoundedIntText(min=64, max=2048, step=64, description="height", **wide),
+        "crop": w.Dropdown(options=["random", "center"], description="crop", **wide),
+        "flip": w.Checkbox(description="random horizontal flip", indent=False),
+        "buckets": w.Checkbox(description="aspect-ratio buckets", indent=False),
+        "min_snr_gamma": w.BoundedFloatText(min=0, max=100, description="min-SNR gamma (0: off)", **wide),
+        "noise_offset": w.BoundedFloatText(min=0, max=1, step=0.01, description="noise offset", **wide),
+        "ema_decay": w.BoundedFloatText(min=0, max=1, step=0.0001, description="EMA decay (0: off)", **wide),
+        "checkpoint_every": w.BoundedIntText(min=1, max=10**7, description="checkpoint every", **wide),
+        "validate_every": w.BoundedIntText(min=0, max=10**7, description="samples every (0: never)", **wide),
+        "gradient_checkpointing": w.Checkbox(description="gradient checkpointing", indent=False),
+        "fused_step": w.Checkbox(description="optimizer step in backward", indent=False),
+        "cache_latents": w.Checkbox(description="cache latents", indent=False),
+    }
+    optional = {"max_steps", "min_snr_gamma", "ema_decay"}  # None in the config, 0 in the box
+    estimate = w.HTML()
+    path_box = w.Text(value=str(config_path), description="file", layout=w.Layout(width="420px"))
+    save_button = w.Button(description="Save", icon="save")
+    load_button = w.Button(description="Load", icon="folder-open")
+    status = w.Label()
+
+    def show_estimate():
+        lines = str(memory.estimate_for_config(cfg, unet)).splitlines()
+        estimate.value = "<pre>" + "\n".join(lines) + "\n(T4: about 15 GiB usable)</pre>"
+
+    def fill_from_config():
+        for name, box in boxes.items():
+            value = getattr(cfg, name)
+            box.value = 0 if value is None and name in optional else value
+        show_estimate()
+
+    def on_change(change, name):
+        value = change["new"]
+        setattr(cfg, name, (value or None) if name in optional else value)
+        show_estimate()
+
+    def on_save(_):
+        status.value = f"Saved {cfg.save(path_box.value)}"
+
+    def on_load(_):
+        try:
+            loaded = TrainConfig.load(path_box.value)
+        except (OSError, ValueError) as e:
+            status.value = f"Not loaded: {e}"
+            return
+        for f in dataclasses.fields(cfg):
+            setattr(cfg, f.name, getattr(loaded, f.name))
+        fill_from_config()
+        status.value = f"Loaded {path_box.value}"
+
+    fill_from_config()
+    for name, box in boxes.items():
+        box.observe(lambda change, name=name: on_change(change, name), names="value")
+    save_button.on_click(on_save)
+    load_button.on_click(on_load)
+    names = list(boxes)
+    columns = w.HBox([w.VBox([boxes[n] for n in names[:10]]), w.VBox([boxes[n] for n in names[10:]])])
+    return w.VBox([columns, estimate, w.HBox([path_box, save_button, load_button]), status])
+
+
 # --- Notebooks 00 and 04: sampler and denoising-step scrubber (issue 5) ---
 
 def _png_bytes(image) -> bytes:
