@@ -151,12 +151,14 @@ def save_gif(frames: list[Image.Image], path: str | Path, ms_per_frame: int = 40
     return path
 
 
-def denoising_pictures(pipe, trace, min_cell: int = 192, max_cell: int = 256) -> tuple[Image.Image, list[Image.Image]]:
+def denoising_pictures(pipe, trace, min_cell: int = 192, max_cell: int = 256,
+                       frame_cell: int = 384) -> tuple[Image.Image, list[Image.Image]]:
     """A ``sampling.DenoisingTrace`` as the talk's figure, and as one frame per step (for a GIF or a slider).
 
     Grid: one column per captured step; rows show the noisy latent through the VAE, the x0 estimate
     through the cheap linear preview, and the x0 estimate through the VAE. Its cells are scaled to
-    at most ``max_cell`` pixels a side so many steps still fit a screen; the frames keep full size.
+    at most ``max_cell`` pixels a side so many steps still fit a screen; the frames' cells to at most
+    ``frame_cell``, which keeps a GIF of 512 px generations a few MB.
     """
     from .sampling import decode_latents
 
@@ -167,8 +169,8 @@ def denoising_pictures(pipe, trace, min_cell: int = 192, max_cell: int = 256) ->
     grid = image_grid([fit(img, max_cell) for img in noisy + previews + x0], rows=3, cols=len(steps), col_labels=steps,
                       row_labels=["noisy latent, VAE decode", "x0 estimate, linear preview", "x0 estimate, VAE decode"],
                       title=f'"{trace.prompt}", seed {trace.seed}', min_cell=min_cell)
-    frames = [image_grid([p, d], rows=1, cols=2, col_labels=["linear preview", "VAE decode"], title=s,
-                         min_cell=min_cell) for p, d, s in zip(previews, x0, steps)]
+    frames = [image_grid([fit(p, frame_cell), fit(d, frame_cell)], rows=1, cols=2, title=s, min_cell=min_cell,
+                         col_labels=["linear preview", "VAE decode"]) for p, d, s in zip(previews, x0, steps)]
     return grid, frames
 
 
