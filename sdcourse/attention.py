@@ -84,6 +84,11 @@ def recording_cross_attention(pipe, height: int | None = None, width: int | None
     """
     default = pipe.unet.config.sample_size * pipe.vae_scale_factor
     latent_hw = ((height or default) // pipe.vae_scale_factor, (width or default) // pipe.vae_scale_factor)
+    for name, module in pipe.unet.named_modules():
+        if name.endswith(".attn2") and (module.norm_cross or module.group_norm or module.spatial_norm
+                                        or module.residual_connection):
+            raise ValueError(f"{name} normalises or adds a residual inside attention; the recorder computes "
+                             "SD 1.x/2.x cross-attention only.")
     original = pipe.unet.attn_processors
     recorder = CrossAttentionRecorder(latent_hw)
     pipe.unet.set_attn_processor({name: recorder if ".attn2." in name else proc for name, proc in original.items()})

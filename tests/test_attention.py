@@ -61,3 +61,14 @@ def test_recording_does_not_change_the_image(pipe):
     plain = sampling.generate(pipe, ["a blue square"], [1], steps=2)[0]
     assert np.abs(np.asarray(recorded, dtype=int) - np.asarray(plain, dtype=int)).max() <= 1
     assert all(type(p) is type(processors[name]) for name, p in pipe.unet.attn_processors.items())
+
+
+def test_recorder_refuses_attention_it_does_not_reproduce(pipe):
+    attn2 = next(m for name, m in pipe.unet.named_modules() if name.endswith(".attn2"))
+    attn2.residual_connection = True
+    try:
+        with pytest.raises(ValueError, match="SD 1.x/2.x cross-attention only"):
+            with attention.recording_cross_attention(pipe):
+                pass
+    finally:
+        attn2.residual_connection = False
