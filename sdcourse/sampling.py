@@ -140,7 +140,8 @@ def unet_swapped(pipe, unet):
         pipe.unet = original
 
 
-def generate_per_unet(pipe, unets: dict, prompts: list[str], seeds: list[int], **settings) -> dict[str, list[Image.Image]]:
+def generate_per_unet(pipe, unets: dict, prompts: list[str], seeds: list[int],
+                      **settings) -> dict[str, list[Image.Image]]:
     """``generate`` with each UNet in turn: a loaded model, or a folder loaded, used and freed.
 
     Only one extra UNet is in memory at a time, so a T4 can walk through many checkpoints.

@@ -117,7 +117,8 @@ def fit(image: Image.Image, max_side: int) -> Image.Image:
     scale = max_side / max(image.size)
     if scale >= 1:
         return image
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
 
 
 def latents_to_rgb(latents: torch.Tensor, scale: int = 8) -> Image.Image:

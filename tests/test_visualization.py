@@ -23,7 +23,8 @@ def test_bare_grid_is_exactly_the_tiles():
 def test_labels_add_margins_and_are_drawn():
     images = tiles(6)
     bare = np.asarray(viz.image_grid(images, 2, 3))
-    labelled = viz.image_grid(images, 2, 3, row_labels=["base", "fine-tuned"], col_labels=["seed 0", "seed 1", "seed 2"],
+    labelled = viz.image_grid(images, 2, 3, row_labels=["base", "fine-tuned"],
+                              col_labels=["seed 0", "seed 1", "seed 2"],
                               title="a girl in a maid outfit holding a teapot")
     left = labelled.width - bare.shape[1]
     top = labelled.height - bare.shape[0]
