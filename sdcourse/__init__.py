@@ -2,8 +2,10 @@
 
 One module per idea: ``runtime`` (GPU, dtype, outputs), ``models`` (which model, loading it),
 ``tiny`` (offline stand-ins for smoke mode), ``sample_data``, ``data`` (building a dataset),
-``captioning`` (BLIP), ``training`` (the UNet fine-tune), ``sampling``, ``visualization``,
-``widgets``, ``export``.
+``practice`` (a local booru and broken files to practise on), ``captioning`` (BLIP), ``train``
+(the UNet fine-tune), ``memory`` (what it costs), ``sampling``, ``attention``, ``visualization``,
+``widgets``, ``export`` (merging, single-file checkpoints), ``dreambooth``, ``textual_inversion``,
+``course`` (run every notebook).
 """
 
 __version__ = "0.1.0"
