@@ -12,9 +12,11 @@ Peak memory of UNet training is a sum of parts that depend on the settings in pl
 - the frozen VAE and text encoder, unless latents and text embeddings were cached first;
 - activations, proportional to batch size and latent area, far smaller with gradient checkpointing.
 
-The activation figures are measured (``benchmarks/bench_memory.py``, real SD 1.5 UNet, fp32 on a
-CPU) and halved for fp16/bf16 autocast; everything else is counted from the model. The result is an
-estimate: the CUDA allocator's fragmentation and cuDNN workspaces add a few hundred MiB on a GPU.
+The activation figures are live-tensor counts for SD 1.5's UNet (``benchmarks/bench_memory.py
+--count``: FakeTensorMode + MemTracker, fp32, so no memory is used), halved for fp16/bf16 autocast;
+everything else is counted from the model. It is an estimate: the CUDA allocator's fragmentation
+and cuDNN's workspaces add to it on a GPU (our CPU measurements in the same benchmark run about
+0.6 GiB per image above the count).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from dataclasses import dataclass
 
 GIB = 2**30
 
-# fp32 activation memory of one training step of SD 1.5's UNet (block width 320) per image at 64x64
-# latents (512x512 px): measured peak minus weights/gradients/optimizer states in benchmarks/bench_memory.py.
-ACTIVATION_GIB_PER_IMAGE = {"checkpointing": 0.75, "no_checkpointing": 6.0}
+# Peak fp32 activations (and temporaries) of one forward + backward of SD 1.5's UNet (block width 320)
+# per image at 64x64 latents (512x512 px), counted at batch 4 by benchmarks/bench_memory.py --count.
+ACTIVATION_GIB_PER_IMAGE = {"checkpointing": 0.29, "no_checkpointing": 1.77}
 REFERENCE_LATENT_AREA = 64 * 64
 REFERENCE_WIDTH = 320
 

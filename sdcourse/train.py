@@ -360,7 +360,7 @@ class LossScaler:
         if not self.enabled:
             return True
         grad.mul_(1.0 / self.scale)
-        return bool(torch.isfinite(grad).all())
+        return bool(torch.isfinite(grad).all())  # a GPU sync per call: the price of deciding per parameter
 
     def update(self, overflow: bool) -> None:
         if not self.enabled:
@@ -691,15 +691,17 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
     if cfg.xformers and device.type == "cuda" and importlib_util.find_spec("xformers"):
         unet.enable_xformers_memory_efficient_attention()  # else PyTorch's scaled_dot_product_attention
     optimizer = UNetOptimizer(list(unet.parameters()), cfg.optimizer, cfg.lr, LossScaler(dtype == torch.float16), fused)
-    ema = CpuEMA(unet, cfg.ema_decay) if cfg.ema_decay else None
+    ema = CpuEMA(unet, cfg.ema_decay) if cfg.ema_decay and main else None  # saved by the main process only
     step = 0
     if resume_from is not None:
         state = torch.load(resume_from / "training_state.pt", map_location=device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
-        if ema is not None:
+        if ema is not None and (resume_from / "ema_unet.safetensors").exists():
             from safetensors.torch import load_file
             ema.weights = load_file(resume_from / "ema_unet.safetensors")
+        elif ema is not None:
+            say("The checkpoint has no EMA weights (EMA was off): the EMA starts from its weights now.")
         say(f"Resuming from {resume_from} (step {step} of {total_steps}).")
     estimate = memory.estimate_peak(unet, sum(p.numel() for f in frozen for p in f.parameters()),
                                     batch_size=cfg.batch_size, width=cfg.width, height=cfg.height,

@@ -234,3 +234,15 @@ def test_memory_estimate_counts_what_the_fused_step_saves(tiny_sd_path):
     assert math.isclose(ordinary.total - fused.total, 4 * (n - largest) / 2**30)
     uncached = memory.estimate_peak(unet, 10**9, fused_step=True, **{**settings, "cache_latents": False})
     assert math.isclose(uncached.total - fused.total, 2 * 10**9 / 2**30)
+
+
+def test_loss_scaler_halves_on_overflow_and_grows_back():
+    scaler = train.LossScaler(enabled=True, scale=8.0, growth_interval=2)
+    grad = torch.tensor([8.0, 16.0])
+    assert scaler.unscale_(grad) and grad.tolist() == [1.0, 2.0]
+    assert not scaler.unscale_(torch.tensor([1.0, float("inf")]))
+    scaler.update(overflow=True)
+    assert scaler.scale == 4.0
+    scaler.update(overflow=False)
+    scaler.update(overflow=False)
+    assert scaler.state_dict() == {"scale": 8.0, "good_steps": 0}
