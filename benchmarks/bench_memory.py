@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_memory.py            # all rows, ~30 min on 2 CPU cores, < 20 GiB
     .venv/bin/python benchmarks/bench_memory.py --batch 1  # one batch size
+    .venv/bin/python benchmarks/bench_memory.py --count    # live-tensor count, seconds, no memory
 
 Models are built from their published configs with random weights (no download). Each row runs in
 its own subprocess (the rows need 5-16 GiB each, one at a time) and does two training steps at
@@ -17,10 +18,14 @@ its own subprocess (the rows need 5-16 GiB each, one at a time) and does two tra
 
 What is measured: on a GPU, ``torch.cuda.max_memory_allocated`` with fp16 autocast on both sides.
 On a CPU (no fp16 autocast), both sides compute in fp32: peak resident memory (``ru_maxrss``) minus
-the process's RSS after imports, with ``MALLOC_ARENA_MAX=2`` for both (glibc's per-thread arenas
-otherwise inflate RSS). On a T4, autocast adds to both sides the fp16 weight copies it caches
+the process's RSS after imports, with the same glibc allocator settings for both (``ENV`` below).
+On a T4, autocast adds to both sides the fp16 weight copies it caches
 (1.6 GiB for SD 1.5) and halves the activations; the weights, gradients, optimizer states and EMA
 rows, which make the difference, are the same bytes on both.
+
+``--count`` counts live tensors instead (FakeTensorMode + MemTracker: shapes only, exact bytes, no
+allocator): parameters, gradients and activations of one forward + backward of the UNet, with and
+without gradient checkpointing. ``sdcourse/memory.py`` takes its activation figures from there.
 """
 
 from __future__ import annotations
@@ -35,12 +40,8 @@ import time
 
 GIB = 2**30
 
-# stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json, vae/config.json, text_encoder/config.json
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+# stable-diffusion-v1-5/stable-diffusion-v1-5's vae/config.json and text_encoder/config.json (its
+# unet/config.json is memory.SD15_UNET_CONFIG).
 SD15_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
     block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
@@ -48,7 +49,10 @@ SD15_VAE = dict(
 SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
 ROWS = [("ours", False), ("reference", False), ("reference", True)]
-ENV = {"MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "2"}
+# glibc keeps freed heap memory resident (per-thread arenas; blocks under a dynamic mmap threshold
+# that grows to 32 MiB), so RSS would count tensors torch has already freed. Two arenas and a fixed
+# 64 KiB threshold (tensor buffers are mmapped, returned on free) make RSS follow live memory.
+ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}
 
 
 def rss_gib() -> float:
@@ -64,6 +68,7 @@ def one_row(recipe: str, ema: bool, batch: int, steps: int) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from sdcourse.memory import SD15_UNET_CONFIG
     from sdcourse.train import LossScaler, UNetOptimizer, diffusion_loss, make_adamw
 
     cuda = torch.cuda.is_available()
@@ -71,7 +76,7 @@ def one_row(recipe: str, ema: bool, batch: int, steps: int) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.float16, enabled=cuda)
     baseline = rss_gib()
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET).to(device).train()
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).to(device).train()
     unet.enable_gradient_checkpointing()
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     generator = torch.Generator(device).manual_seed(0)
@@ -125,6 +130,39 @@ def one_row(recipe: str, ema: bool, batch: int, steps: int) -> dict:
             "device": device.type, "loss": float(loss)}
 
 
+def count_live_tensors(batch: int, checkpointing: bool) -> dict:
+    """Peak bytes by kind over one forward + backward, counted on fake tensors (no optimizer: the
+    8-bit one cannot be built under FakeTensorMode; its states are 2 bytes per parameter)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from sdcourse.memory import SD15_UNET_CONFIG
+
+    with FakeTensorMode():
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG).train()
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        tracker = MemTracker()
+        tracker.track_external(unet)
+        with tracker:
+            loss = unet(torch.randn(batch, 4, 64, 64), torch.randint(0, 1000, (batch,)), torch.randn(batch, 77, 768)).sample
+            loss.float().pow(2).mean().backward()
+        peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    return {str(kind).split(".")[-1].split(":")[0].lower(): b / GIB for kind, b in peak.items()}
+
+
+def print_counts(batches: list[int]) -> None:
+    print("Live tensors at the peak of one forward + backward of SD 1.5's UNet, 64x64 latents, fp32 (GiB):")
+    print(f"{'checkpointing':<15}{'batch':>6}{'params':>8}{'grads':>8}{'activations':>13}{'temp':>7}{'total':>8}")
+    for checkpointing in (True, False):
+        for batch in batches:
+            c = count_live_tensors(batch, checkpointing)
+            print(f"{str(checkpointing):<15}{batch:>6}{c['param']:>8.2f}{c['grad']:>8.2f}{c['act']:>13.2f}"
+                  f"{c['temp']:>7.2f}{c['total']:>8.2f}")
+
+
 def run_row(recipe: str, ema: bool, batch: int, steps: int) -> dict:
     cmd = [sys.executable, __file__, "--row", recipe, "--batch", str(batch), "--steps", str(steps)] + (["--ema"] if ema else [])
     done = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True)
@@ -137,9 +175,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 4])
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--count", action="store_true", help="count live tensors instead (fast, no memory)")
     parser.add_argument("--row", choices=["ours", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--ema", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.count:
+        print_counts(args.batch)
+        return
     if args.row:  # child process
         print(json.dumps(one_row(args.row, args.ema, args.batch[0], args.steps)))
         return
@@ -153,13 +195,13 @@ def main() -> None:
     device = results[0]["device"]
     what = "max_memory_allocated (fp16 autocast)" if device == "cuda" else "peak RSS over post-import baseline, fp32 compute"
     print(f"\nPeak memory of one SD 1.5 UNet training step at 512x512, {device}: {what}")
-    print(f"{'batch':>5}  {'recipe':<28}{'peak GiB':>9}{'ours/this':>10}{'s/step':>8}")
+    print(f"{'batch':>5}  {'recipe':<28}{'peak GiB':>9}{'ours/this':>10}")
     for batch in args.batch:
         rows = [r for r in results if r["batch"] == batch]
         ours = next(r["peak_gib"] for r in rows if r["recipe"] == "ours")
         for r in rows:
             name = "ours (fused 8-bit, cached)" if r["recipe"] == "ours" else "diffusers" + (" + EMA" if r["ema"] else "")
-            print(f"{batch:>5}  {name:<28}{r['peak_gib']:>9.2f}{ours / r['peak_gib']:>10.2f}{r['step_s']:>8.1f}")
+            print(f"{batch:>5}  {name:<28}{r['peak_gib']:>9.2f}{ours / r['peak_gib']:>10.2f}")
     print("Goal: ours <= 8 GiB at batch 4 and <= 0.6 x the reference (without EMA).")
 
 
