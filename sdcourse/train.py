@@ -529,6 +529,8 @@ class LossCurve:
         self.losses.append(loss)
 
     def draw(self) -> None:
+        if not self.losses:
+            return
         window = max(1, len(self.losses) // 20)
         smooth = np.convolve(self.losses, np.ones(window) / window, mode="valid")
         self.raw.set_data(self.steps, self.losses)
@@ -796,16 +798,20 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
     finally:
         bar.close()
 
+    final = out / "final"
+    if not curve.losses and (final / "model_index.json").exists():
+        say(f"This run had already finished ({step} of {total_steps} steps in {resume_from}); nothing to do. "
+            "Raise max_steps or epochs to train further, or set resume=False to start over.")
+        return TrainResult(final, [], skipped, None, estimate)
     peak = None
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / memory.GIB
         say(f"Measured peak GPU memory: {peak:.2f} GiB (estimated {estimate.total:.2f} GiB).")
     curve.draw()
-    if main:
+    if main and curve.losses:
         curve.fig.savefig(out / "loss.png", dpi=100, bbox_inches="tight")
     save(step)
     validate(step)
-    final = out / "final"
     if main:
         unet = accelerator.unwrap_model(unet)
         del optimizer
