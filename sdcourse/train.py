@@ -279,11 +279,11 @@ class LatentCache:
     embeddings: dict[str, torch.Tensor]
 
 
-def build_cache(dataset: CaptionedImages, m: Models, batch_size: int, report) -> LatentCache:
+def build_cache(dataset: CaptionedImages, m: Models, batch_size: int, num_workers: int, report) -> LatentCache:
     cache = LatentCache({}, {})
     sizes = {i: s for i, s in enumerate(dataset.sizes) if s is not None}
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=epoch_batches(sizes, batch_size, 0, 0),
-                                         collate_fn=collate)
+                                         collate_fn=collate, num_workers=num_workers)
     for batch in loader:
         for i, error in batch["errors"].items():
             report(i, error)
@@ -653,7 +653,7 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
     cache = None
     if cfg.cache_latents:
         say(f"Caching latents and text embeddings of {len(dataset)} images ...")
-        cache = build_cache(dataset, m, cfg.batch_size, report)
+        cache = build_cache(dataset, m, cfg.batch_size, cfg.num_workers, report)
         for module in frozen:
             module.to("cpu")
         free_memory()

@@ -108,6 +108,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_sd_path, sample_dir
     checkpoints = tmp_path / "killed" / "finetune" / "checkpoints"
     assert [p.name for p in train.checkpoint_dirs(checkpoints)] == ["step-000004"]
     resumed = train.train(cfg)
+    assert train.train(cfg).losses == []  # a finished run is not trained again
 
     assert resumed.losses == whole.losses[4:]
     a, b = (tmp_path / name / "finetune" / "checkpoints" / "step-000008" for name in ("whole", "killed"))
