@@ -232,8 +232,12 @@ class Models:
     noise_scheduler: object  # DDPMScheduler: adds noise and defines the target
 
 
-def load_models(model_id: str, frozen_dtype: torch.dtype, prediction_type: str | None = None) -> Models:
-    """The five parts of a Stable Diffusion repository (or folder), the same calls for both."""
+def load_models(model_id: str, frozen_dtype: torch.dtype, prediction_type: str | None = None,
+                unet_from: str | Path | None = None) -> Models:
+    """The five parts of a Stable Diffusion repository (or folder), the same calls for both.
+
+    ``unet_from``: a checkpoint folder to take the UNet from instead (when resuming).
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -242,7 +246,7 @@ def load_models(model_id: str, frozen_dtype: torch.dtype, prediction_type: str |
         text_encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", torch_dtype=frozen_dtype,
                                                      use_safetensors=True)
         vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=frozen_dtype, use_safetensors=True)
-        unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=torch.float32,
+        unet = UNet2DConditionModel.from_pretrained(unet_from or model_id, subfolder="unet", torch_dtype=torch.float32,
                                                     use_safetensors=True)
         noise_scheduler = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler")
     except (OSError, ValueError) as e:
@@ -631,10 +635,7 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
 
     # Models. The UNet starts from the newest checkpoint when resuming, else from the base model.
     model_id = models.resolve(cfg.model, smoke=False)
-    m = load_models(model_id, frozen_dtype=dtype, prediction_type=cfg.prediction_type)
-    if resume_from is not None:
-        from diffusers import UNet2DConditionModel
-        m.unet = UNet2DConditionModel.from_pretrained(resume_from, subfolder="unet", torch_dtype=torch.float32)
+    m = load_models(model_id, frozen_dtype=dtype, prediction_type=cfg.prediction_type, unet_from=resume_from)
     frozen = [m.vae, m.text_encoder]
     for module in frozen:
         module.to(device)
