@@ -1,0 +1,70 @@
+"""LoRA layers: trainable parameters, saving, loading into a pipeline, and the web UI's format."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
+
+from sdcourse import lora, models
+
+
+@pytest.fixture
+def unet_with_trained_lora(tiny_sd_path):
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    params = lora.add_lora(unet, rank=4)
+    with torch.no_grad():  # B starts at zero (the adapter does nothing yet): pretend it was trained
+        gen = torch.Generator().manual_seed(0)
+        for p in params:
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return unet, params
+
+
+def image(pipe, **kwargs):
+    return pipe("a red circle", num_inference_steps=2, height=64, width=64,
+                generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images[0]
+
+
+def test_only_lora_parameters_train(tiny_sd_path):
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    total = sum(p.numel() for p in unet.parameters())
+    params = lora.add_lora(unet, rank=4)
+    names = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert names and all("lora_A" in n or "lora_B" in n for n in names)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names} >= {"to_q", "to_k", "to_v"}
+    assert 0 < sum(p.numel() for p in params) < 0.2 * total
+
+
+def test_saved_lora_loads_into_a_pipeline_and_changes_it(unet_with_trained_lora, tiny_sd_path, tmp_path):
+    unet, _ = unet_with_trained_lora
+    file = lora.save_lora(unet, tmp_path / "lora")
+    assert file.exists() and all(k.startswith("unet.") for k in load_file(file))
+    pipe = models.load_pipeline(tiny_sd_path)
+    base = image(pipe)
+    pipe.load_lora_weights(tmp_path / "lora")
+    with_lora = image(pipe)
+    assert not torch.allclose(torch.tensor(base), torch.tensor(with_lora))
+    pipe.unet = unet  # the in-memory UNet with the same adapter gives the same picture
+    torch.testing.assert_close(torch.tensor(image(pipe)), torch.tensor(with_lora), atol=1e-5, rtol=0)
+
+
+def test_resume_loads_the_same_weights(unet_with_trained_lora, tiny_sd_path, tmp_path):
+    unet, params = unet_with_trained_lora
+    lora.save_lora(unet, tmp_path / "ckpt")
+    fresh = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    fresh_params = lora.add_lora(fresh, rank=4)
+    lora.load_lora_into(fresh, tmp_path / "ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(params, fresh_params))
+
+
+def test_kohya_export_loads_and_matches(unet_with_trained_lora, tiny_sd_path, tmp_path):
+    unet, _ = unet_with_trained_lora
+    lora.save_lora(unet, tmp_path / "lora")
+    kohya = lora.export_kohya(tmp_path / "lora", tmp_path / "webui" / "my_style.safetensors")
+    keys = list(load_file(kohya))
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert any(k.endswith(".lora_down.weight") for k in keys) and any(k.endswith(".alpha") for k in keys)
+    reference = models.load_pipeline(tiny_sd_path)
+    reference.load_lora_weights(tmp_path / "lora")
+    pipe = models.load_pipeline(tiny_sd_path)
+    pipe.load_lora_weights(str(kohya))  # diffusers reads kohya's format as the web UI does
+    torch.testing.assert_close(torch.tensor(image(pipe)), torch.tensor(image(reference)), atol=1e-5, rtol=0)
