@@ -15,8 +15,8 @@ Peak memory of UNet training is a sum of parts that depend on the settings in pl
 The activation figures are live-tensor counts for SD 1.5's UNet (``benchmarks/bench_memory.py
 --count``: FakeTensorMode + MemTracker, fp32, so no memory is used), halved for fp16/bf16 autocast;
 everything else is counted from the model. It is an estimate: the CUDA allocator's fragmentation
-and cuDNN's workspaces add to it on a GPU (our CPU measurements in the same benchmark run about
-0.6 GiB per image above the count).
+and cuDNN's workspaces add to it on a GPU (on a CPU, the same benchmark measures 0.32 GiB more
+per image of batch, close to the count's 0.29).
 """
 
 from __future__ import annotations
@@ -78,16 +78,18 @@ def estimate_peak(unet, frozen_params: int, *, batch_size: int, width: int, heig
     """Peak GPU memory of a training step for these settings; ``frozen_params``: VAE + text encoder."""
     params = list(unet.parameters())
     n = sum(p.numel() for p in params)
-    largest = max(p.numel() for p in params)
+    trained = [p for p in params if p.requires_grad]  # all of them, or only LoRA layers
+    n_trained = sum(p.numel() for p in trained)
+    largest = max(p.numel() for p in trained)
     per_image = ACTIVATION_GIB_PER_IMAGE["checkpointing" if gradient_checkpointing else "no_checkpointing"]
     scale = (width // 8) * (height // 8) / REFERENCE_LATENT_AREA * unet.config.block_out_channels[0] / REFERENCE_WIDTH
     half = 2 if half_precision else 4  # bytes per value of the frozen models and of activations
     parts = {
         "UNet weights (fp32 master copy)": 4 * n / GIB,
         "autocast's cached half-precision weights": 2 * n / GIB if half_precision and autocast_cache else 0.0,
-        "gradients": 4 * (largest if fused_step else n) / GIB,
-        "optimizer states": (2 if optimizer == "adamw8bit" else 8) * n / GIB,
-        "EMA weights": 4 * n / GIB if ema_on_gpu else 0.0,
+        "gradients": 4 * (largest if fused_step else n_trained) / GIB,
+        "optimizer states": (2 if optimizer == "adamw8bit" else 8) * n_trained / GIB,
+        "EMA weights": 4 * n_trained / GIB if ema_on_gpu else 0.0,
         "VAE + text encoder": 0.0 if cache_latents else half * frozen_params / GIB,
         "activations": per_image * scale * batch_size * half / 4,
     }

@@ -24,14 +24,14 @@ def unet_weights(folder) -> dict:
 
 
 def test_loss_falls_and_the_result_loads(tmp_path, tiny_sd_path, sample_dir):
-    # Predicting zero noise scores exactly E[noise^2] = 1, and the random tiny UNet starts above that.
+    # Predicting zero noise scores E[noise^2] = 1, and the random tiny UNet starts at or above that.
     # Getting well below 1 means the UNet has learned to pull the noise out of noisy sample latents;
-    # 0.6 leaves a wide margin over the ~0.4 this seeded run reaches (noise of a 10-step mean ~0.05).
+    # 0.6 leaves a wide margin over the ~0.34 this seeded run reaches (its steps scatter by ~0.05).
     cfg = config(tmp_path, tiny_sd_path, sample_dir, max_steps=40, validate_every=40, validation_steps=2,
                  validation_prompts=["a red circle on a white background"], validation_seeds=[0])
     result = train.train(cfg)
-    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-10:]) / 10
-    assert first > 0.9 and last < 0.6, (first, last)
+    last = sum(result.losses[-10:]) / 10
+    assert result.losses[0] > 0.9 and last < 0.6, (result.losses[0], last)
 
     out = tmp_path / "finetune"
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000000.png", "step-000040.png"]
