@@ -19,13 +19,23 @@ TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 
 
-def add_lora(unet, rank: int) -> list[torch.nn.Parameter]:
-    """Freeze the UNet, add rank-``rank`` LoRA layers to its attention projections; return the trainable parameters."""
+def add_lora(unet, rank: int, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Freeze the UNet, add rank-``rank`` LoRA layers to its attention projections; return the trainable parameters.
+
+    A starts random (from ``seed``, so runs repeat), B at zero: the adapter changes nothing until it trains.
+    """
     from peft import LoraConfig
 
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGET_MODULES))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=TARGET_MODULES))
     return [p for p in unet.parameters() if p.requires_grad]
+
+
+def has_lora(unet) -> bool:
+    return bool(getattr(unet, "peft_config", None))
 
 
 def save_lora(unet, folder: str | Path) -> Path:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import memory, models
+from . import lora, memory, models
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 
@@ -72,6 +72,7 @@ class TrainConfig:
     optimizer: str = "adamw8bit"         # "adamw8bit" (bitsandbytes) or "adamw"
     fused_step: bool = True              # optimizer step inside backward (needs grad_accum == 1, one GPU)
     gradient_checkpointing: bool = True
+    lora_rank: int = 0                   # > 0: train LoRA layers of this rank, the UNet frozen (sdcourse/lora.py)
     mixed_precision: str = "auto"        # auto: fp16 on a T4, bf16 where supported, fp32 on a CPU
     xformers: bool = False               # use xformers attention when it imports and a GPU exists; else PyTorch SDPA
     cache_latents: bool = True           # encode every image and caption once, then free the VAE and text encoder
@@ -111,6 +112,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} = {getattr(self, name)!r}; choose one of {allowed}")
         if self.width % 8 or self.height % 8:
             raise ValueError(f"width and height must be multiples of 8 (the VAE downsamples 8x); got {self.width}x{self.height}")
+        if self.lora_rank < 0:
+            raise ValueError(f"TrainConfig.lora_rank must be 0 (full fine-tune) or a rank such as 8, got {self.lora_rank}")
         for name in ("batch_size", "grad_accum", "epochs", "checkpoint_every", "keep_checkpoints", "ema_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
@@ -446,23 +449,31 @@ class UNetOptimizer:
         self.scaler.load_state_dict(state["scaler"])
 
 
+def trainable(unet) -> list[torch.nn.Parameter]:
+    """The parameters that train: all of the UNet's, or only its LoRA layers'."""
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
 class CpuEMA:
-    """Exponential moving average of the UNet's weights, kept in CPU memory (no GPU cost)."""
+    """Exponential moving average of the trained weights, kept in CPU memory (no GPU cost)."""
 
     def __init__(self, unet, decay: float):
         self.decay = decay
-        self.weights = {name: p.detach().to("cpu", torch.float32, copy=True) for name, p in unet.named_parameters()}
+        self.weights = {name: p.detach().to("cpu", torch.float32, copy=True)
+                        for name, p in unet.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, unet, steps_since_last: int) -> None:
         weight = 1 - self.decay ** steps_since_last  # as if updated at every one of those steps
         for name, p in unet.named_parameters():
-            self.weights[name].lerp_(p.detach().to("cpu", torch.float32), weight)
+            if name in self.weights:
+                self.weights[name].lerp_(p.detach().to("cpu", torch.float32), weight)
 
     @torch.no_grad()
     def copy_to(self, unet) -> None:
         for name, p in unet.named_parameters():
-            p.copy_(self.weights[name])
+            if name in self.weights:
+                p.copy_(self.weights[name])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,13 +484,17 @@ def checkpoint_dirs(folder: Path) -> list[Path]:
 
 
 def save_checkpoint(folder: Path, step: int, unet, training_state: dict, ema: CpuEMA | None, keep: int) -> Path:
-    """``folder/step-000500/`` with ``unet/`` (diffusers layout), ``training_state.pt`` and the EMA weights."""
+    """``folder/step-000500/`` with ``unet/`` (diffusers layout) or, for LoRA, its LoRA weights,
+    ``training_state.pt`` and the EMA weights."""
     from safetensors.torch import save_file
 
     target = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-{target.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    if lora.has_lora(unet):
+        lora.save_lora(unet, tmp)
+    else:
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
     torch.save(training_state, tmp / "training_state.pt")
     if ema is not None:
         save_file(ema.weights, tmp / "ema_unet.safetensors")
@@ -635,7 +650,12 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
 
     # Models. The UNet starts from the newest checkpoint when resuming, else from the base model.
     model_id = models.resolve(cfg.model, smoke=False)
-    m = load_models(model_id, frozen_dtype=dtype, prediction_type=cfg.prediction_type, unet_from=resume_from)
+    m = load_models(model_id, frozen_dtype=dtype, prediction_type=cfg.prediction_type,
+                    unet_from=None if cfg.lora_rank else resume_from)
+    if cfg.lora_rank:  # the base UNet stays frozen; only the small LoRA layers train
+        lora.add_lora(m.unet, cfg.lora_rank, seed=cfg.seed)
+        if resume_from is not None:
+            lora.load_lora_into(m.unet, resume_from)
     frozen = [m.vae, m.text_encoder]
     for module in frozen:
         module.to(device)
@@ -693,7 +713,7 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
         unet.enable_gradient_checkpointing()  # recompute activations in backward: far less memory, ~30% slower
     if cfg.xformers and device.type == "cuda" and importlib_util.find_spec("xformers"):
         unet.enable_xformers_memory_efficient_attention()  # else PyTorch's scaled_dot_product_attention
-    optimizer = UNetOptimizer(list(unet.parameters()), cfg.optimizer, cfg.lr, LossScaler(dtype == torch.float16), fused)
+    optimizer = UNetOptimizer(trainable(unet), cfg.optimizer, cfg.lr, LossScaler(dtype == torch.float16), fused)
     ema = CpuEMA(unet, cfg.ema_decay) if cfg.ema_decay and main else None  # saved by the main process only
     step = 0
     if resume_from is not None:
@@ -800,7 +820,7 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
         bar.close()
 
     final = out / "final"
-    if not curve.losses and (final / "model_index.json").exists():
+    if not curve.losses and ((final / "model_index.json").exists() or (final / lora.WEIGHT_NAME).exists()):
         say(f"This run had already finished ({step} of {total_steps} steps in {resume_from}); nothing to do. "
             "Raise max_steps or epochs to train further, or set resume=False to start over.")
         return TrainResult(final, [], skipped, None, estimate)
@@ -819,8 +839,12 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
         free_memory()
         if ema is not None:
             ema.copy_to(unet)
-        save_pipeline(model_id, m, unet, final)
-        say(f"Saved the fine-tuned pipeline to {final}")
+        if cfg.lora_rank:
+            save_lora_result(unet, final)
+            say(f"Saved the LoRA weights to {final / lora.WEIGHT_NAME} (load with pipe.load_lora_weights)")
+        else:
+            save_pipeline(model_id, m, unet, final)
+            say(f"Saved the fine-tuned pipeline to {final}")
     accelerator.wait_for_everyone()
     return TrainResult(final, curve.losses, skipped, peak, estimate)
 
@@ -838,6 +862,16 @@ def save_pipeline(model_id: str, m: Models, unet, final: Path) -> None:
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def save_lora_result(unet, final: Path) -> None:
+    """The LoRA weights alone (a few MB): they load on top of the base model. Written aside, then renamed."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lora.save_lora(unet, tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -68,3 +68,50 @@ def test_kohya_export_loads_and_matches(unet_with_trained_lora, tiny_sd_path, tm
     pipe = models.load_pipeline(tiny_sd_path)
     pipe.load_lora_weights(str(kohya))  # diffusers reads kohya's format as the web UI does
     torch.testing.assert_close(torch.tensor(image(pipe)), torch.tensor(image(reference)), atol=1e-5, rtol=0)
+
+
+def lora_config(tmp_path, model, data, **overrides):
+    from sdcourse.train import TrainConfig
+    settings = dict(model=model, dataset=str(data), output_dir=str(tmp_path / "lora"), width=64, height=64,
+                    lr=1e-2, max_steps=8, checkpoint_every=4, validate_every=0, num_workers=0, lora_rank=4,
+                    batch_size=8)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def test_lora_training_resumes_exactly_and_saves_only_the_lora(tmp_path, tiny_sd_path, sample_dir):
+    from sdcourse import train
+
+    whole = train.train(lora_config(tmp_path / "whole", tiny_sd_path, sample_dir))
+    final = whole.final_dir
+    assert [p.name for p in final.iterdir()] == [lora.WEIGHT_NAME]  # a few kB, not a pipeline
+    checkpoint = tmp_path / "whole" / "lora" / "checkpoints" / "step-000004"
+    assert (checkpoint / lora.WEIGHT_NAME).exists() and not (checkpoint / "unet").exists()
+
+    cfg = lora_config(tmp_path / "killed", tiny_sd_path, sample_dir)
+
+    def kill_at_step_6(step, loss):
+        if step == 6:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg, on_step=kill_at_step_6)
+    resumed = train.train(cfg)
+    assert resumed.losses == whole.losses[4:]
+    a, b = load_file(final / lora.WEIGHT_NAME), load_file(resumed.final_dir / lora.WEIGHT_NAME)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    pipe = models.load_pipeline(tiny_sd_path)
+    base = image(pipe)
+    pipe.load_lora_weights(final)
+    assert not torch.allclose(torch.tensor(base), torch.tensor(image(pipe)))
+
+
+def test_lora_memory_estimate_counts_only_the_trained_layers(tiny_sd_path):
+    from sdcourse import memory
+    settings = dict(batch_size=1, width=64, height=64, half_precision=False, optimizer="adamw", fused_step=False,
+                    gradient_checkpointing=True, cache_latents=True)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    full = memory.estimate_peak(unet, 0, **settings)
+    lora.add_lora(unet, rank=4)
+    with_lora = memory.estimate_peak(unet, 0, **settings)
+    assert with_lora.parts["optimizer states"] < 0.2 * full.parts["optimizer states"]
+    assert with_lora.parts["UNet weights (fp32 master copy)"] >= full.parts["UNet weights (fp32 master copy)"]
