@@ -247,3 +247,23 @@ def test_loss_scaler_halves_on_overflow_and_grows_back():
     scaler.update(overflow=False)
     scaler.update(overflow=False)
     assert scaler.state_dict() == {"scale": 8.0, "good_steps": 0}
+
+
+def test_two_processes_train_one_model_like_accelerate_launch(tmp_path, tiny_sd_path, sample_dir):
+    # What `accelerate launch` does on several GPUs, on the CPU: two processes (gloo), gradients
+    # averaged by DistributedDataParallel, so the fused step must give way to the ordinary one.
+    import os
+    import subprocess
+    import sys
+
+    path = config(tmp_path, tiny_sd_path, sample_dir, max_steps=4, checkpoint_every=2).save(tmp_path / "run.json")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "sdcourse.train", "--config", str(path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fused_step is off" in done.stdout
+    assert done.stdout.count("Saved the fine-tuned pipeline") == 1  # only the main process writes
+    out = tmp_path / "finetune"
+    assert [p.name for p in train.checkpoint_dirs(out / "checkpoints")] == ["step-000002", "step-000004"]
+    assert (out / "final" / "model_index.json").exists()
