@@ -538,7 +538,7 @@ class LossCurve:
         self.ax.legend(loc="upper right")
         self.steps: list[int] = []
         self.losses: list[float] = []
-        self.handle = None
+        self.handle, self.drawn_at = None, 0.0
         if live and in_notebook():
             from IPython.display import display
             self.handle = display(self.fig, display_id=True)
@@ -547,9 +547,11 @@ class LossCurve:
         self.steps.append(step)
         self.losses.append(loss)
 
-    def draw(self) -> None:
-        if not self.losses:
+    def draw(self, force: bool = False) -> None:
+        # Rendering the figure takes a good fraction of a second: at most every 2 s, whatever the step rate.
+        if not self.losses or (not force and time.perf_counter() - self.drawn_at < 2.0):
             return
+        self.drawn_at = time.perf_counter()
         window = max(1, len(self.losses) // 20)
         smooth = np.convolve(self.losses, np.ones(window) / window, mode="valid")
         self.raw.set_data(self.steps, self.losses)
@@ -761,7 +763,6 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
         accelerator.wait_for_everyone()
 
     curve = LossCurve(live=main)
-    redraw_every = max(1, total_steps // 50)
     if step == 0:
         validate(0)
     bar = tqdm(total=total_steps, initial=step, disable=not main, desc="training", unit="step")
@@ -804,8 +805,7 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
                 bar.set_postfix(loss=f"{curve.losses[-1]:.4f}" if curve.losses else "-", lr=f"{optimizer.lr:.2e}",
                                 img_s=f"{images_done / elapsed:.1f}")
                 bar.update()
-                if step % redraw_every == 0:
-                    curve.draw()
+                curve.draw()
                 if on_step is not None:
                     on_step(step, curve.losses[-1] if curve.losses else None)
                 if step % cfg.checkpoint_every == 0 and step < total_steps:
@@ -828,7 +828,7 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / memory.GIB
         say(f"Measured peak GPU memory: {peak:.2f} GiB (estimated {estimate.total:.2f} GiB).")
-    curve.draw()
+    curve.draw(force=True)
     if main and curve.losses:
         curve.fig.savefig(out / "loss.png", dpi=100, bbox_inches="tight")
     save(step)
