@@ -64,7 +64,7 @@ def add_token(tokenizer, text_encoder, token: str, init_word: str) -> int:
     init_ids = tokenizer(init_word, add_special_tokens=False).input_ids
     if len(init_ids) != 1:
         raise ValueError(f"init_word {init_word!r} is {len(init_ids)} tokens; choose a word that is a single token.")
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the new row is set just below
     token_id = tokenizer.convert_tokens_to_ids(token)
     weights = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
@@ -83,7 +83,9 @@ def train_embedding(cfg: TIConfig, on_step=None) -> TIResult:
     m = load_models(models.resolve(cfg.model, smoke=False), frozen_dtype=dtype)
     # The text encoder stays fp32: its embedding table holds the one trained vector and Adam's state.
     m.text_encoder.to(device, torch.float32)
-    m.unet.to(device, dtype).requires_grad_(False)
+    m.unet.requires_grad_(False).to(device)
+    if dtype != torch.float32:  # frozen: no fp32 master copy needed
+        m.unet.to(dtype=dtype)
     m.unet.enable_gradient_checkpointing()  # activations of the frozen UNet are what the backward pass needs
     m.vae.to(device)
     token_id = add_token(m.tokenizer, m.text_encoder, cfg.token, cfg.init_word)
