@@ -8,6 +8,7 @@ loading code below is the same either way.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import tiny
 
@@ -47,15 +48,10 @@ def resolve(name_or_id: str, smoke: bool) -> str:
         return tiny.blip_path() if smoke else BLIP_PRESETS[name_or_id]
     if smoke and "blip" in name_or_id.lower():
         return tiny.blip_path()
-    if smoke and "/" in name_or_id and not _is_local(name_or_id):
+    if smoke and "/" in name_or_id and not Path(name_or_id).exists():  # a hub id: its tiny stand-in
         v_pred = any(p.model_id == name_or_id and p.prediction_type == "v_prediction" for p in SD_PRESETS.values())
         return tiny.sd_path("v_prediction" if v_pred else "epsilon")
     return name_or_id
-
-
-def _is_local(path: str) -> bool:
-    from pathlib import Path
-    return Path(path).exists()
 
 
 class ModelLoadError(RuntimeError):
