@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .runtime import atomic_dir
 
 COMPONENT_WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
                      "text_encoder": "model.safetensors"}
@@ -72,7 +73,7 @@ def merge_pipelines(pipeline_dirs: list[str | Path], weights: list[float], out_d
     in all folders (a frozen VAE, say) come out unchanged.
     """
     out_dir = Path(out_dir)
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         shutil.copytree(pipeline_dirs[0], tmp, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.ckpt"))
         for component in components:
@@ -81,27 +82,6 @@ def merge_pipelines(pipeline_dirs: list[str | Path], weights: list[float], out_d
         (tmp / "merge.json").write_text(json.dumps(
             {"models": [str(d) for d in pipeline_dirs], "weights": weights, "components": list(components)}, indent=2))
     return out_dir
-
-
-class _atomic_dir:
-    """Build a folder under a temporary name next to its target, then swap it in."""
-
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}-", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.target.exists():
-            shutil.rmtree(self.target)
-        self.tmp.rename(self.target)
-        return False
 
 
 # --- diffusers -> original Stable Diffusion (LDM) key names ----------------------------------------

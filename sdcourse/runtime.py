@@ -8,8 +8,11 @@ from __future__ import annotations
 import gc
 import importlib.metadata
 import os
+import shutil
 import sys
+import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +107,23 @@ def find_dataset(rt: Runtime) -> Path:
     sample = sample_dataset_dir()
     print(f"No dataset at {built} yet (run notebooks 01 and 02 to build your own); using the bundled sample: {sample}")
     return sample
+
+
+@contextmanager
+def atomic_dir(target: str | Path):
+    """Build a folder under a temporary name next to ``target``, then swap it in: an interruption
+    leaves the old folder or the new one, never half of one."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
 
 
 def free_memory() -> None:

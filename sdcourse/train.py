@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import lora, memory, models
+from .runtime import atomic_dir
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 
@@ -859,22 +860,14 @@ def save_pipeline(model_id: str, m: Models, unet, final: Path) -> None:
         model_id, unet=unet, vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.scheduler.register_to_config(prediction_type=m.noise_scheduler.config.prediction_type)
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    with atomic_dir(final) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
 
 
 def save_lora_result(unet, final: Path) -> None:
     """The LoRA weights alone (a few MB): they load on top of the base model. Written aside, then renamed."""
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    lora.save_lora(unet, tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    with atomic_dir(final) as tmp:
+        lora.save_lora(unet, tmp)
 
 
 def main(argv: list[str] | None = None) -> int:
