@@ -310,6 +310,39 @@ class BooruConfig:
     credentials: dict = field(default_factory=dict, repr=False)  # API key parameters; sent to this API only, never printed
 
 
+# Sites whose API answers 401 Unauthorized without these parameters (Gelbooru since 2025):
+# site -> {API parameter: the Colab secret or environment variable that holds it}.
+REQUIRED_CREDENTIALS = {"gelbooru.com": {"api_key": "GELBOORU_API_KEY", "user_id": "GELBOORU_USER_ID"}}
+CREDENTIALS_PAGE = {"gelbooru.com": "https://gelbooru.com/index.php?page=account&s=options"}
+
+
+def required_credentials(config: BooruConfig) -> dict[str, str]:
+    """{API parameter: secret name} that ``config.url``'s site requires: api_key and user_id for Gelbooru."""
+    host = (urlsplit(config.url).hostname or "").lower()
+    return next((names for site, names in REQUIRED_CREDENTIALS.items() if host == site or host.endswith("." + site)), {})
+
+
+def fill_credentials(config: BooruConfig) -> BooruConfig:
+    """Put the site's required credentials into ``config.credentials``, each read by ``runtime.read_secret``
+    (a Colab secret, else an environment variable, else hidden input): for Gelbooru ``GELBOORU_API_KEY``
+    and ``GELBOORU_USER_ID``. Nothing is printed."""
+    from .runtime import read_secret
+
+    for name, secret in required_credentials(config).items():
+        if not config.credentials.get(name):
+            config.credentials[name] = read_secret(secret)
+    return config
+
+
+def _missing_credentials_message(config: BooruConfig, missing) -> str:
+    host = (urlsplit(config.url).hostname or "").lower()
+    page = next((url for site, url in CREDENTIALS_PAGE.items() if host.endswith(site)), "the site's account settings")
+    secrets = " and ".join(required_credentials(config)[name] for name in missing)
+    return (f"{host} answers 401 without {' and '.join(missing)}: copy them from {page} (logged in, under 'API "
+            f"Access Credentials') into Colab secrets (or environment variables) named {secrets}, which "
+            "data.fill_credentials reads (notebook 01 calls it), or pass BooruConfig(credentials={...}).")
+
+
 @dataclass
 class Post:
     id: int
@@ -363,6 +396,9 @@ def search_booru(config: BooruConfig, tags: str, limit: int, http: HttpConfig = 
         except ValueError as e:
             raise FetchError(f"not a JSON page of posts ({e})") from None
 
+    missing = [name for name in required_credentials(config) if not config.credentials.get(name)]
+    if missing:
+        raise ValueError(_missing_credentials_message(config, missing))
     session = session or new_session(http)
     limiter = RateLimiter(config.min_interval)
     posts: dict[int, Post] = {}
@@ -373,7 +409,8 @@ def search_booru(config: BooruConfig, tags: str, limit: int, http: HttpConfig = 
         try:
             found = get_with_retries(session, url, parse, http, params={**params, **config.credentials}, limiter=limiter)
         except FetchError as e:
-            failed.append(Candidate(source=f"{url} tags={tags!r} page {page}", error=f"API page failed: {e}"))
+            hint = " (this API wants credentials: BooruConfig(credentials=...))" if "HTTP 401" in str(e) else ""
+            failed.append(Candidate(source=f"{url} tags={tags!r} page {page}", error=f"API page failed: {e}{hint}"))
             break
         for post in found:
             posts.setdefault(post.id, post)  # pages shift while new posts arrive: keep each post once

@@ -2,7 +2,8 @@
 
 ``LocalBooru`` serves the bundled sample images as booru posts, in the Danbooru (``/posts.json``)
 and Gelbooru/Safebooru (``index.php?page=dapi``) styles, on 127.0.0.1 only, with switches for the
-trouble real sites give: slow answers, server errors, 429 rate limiting with Retry-After. It stops
+trouble real sites give: slow answers, server errors, 429 rate limiting with Retry-After, 401 without
+an API key. It stops
 by itself after ``lifetime`` seconds. ``write_problem_files`` makes the files a real collection
 contains sooner or later (truncated, CMYK, 16-bit, decompression bombs, duplicates...).
 """
@@ -35,6 +36,7 @@ class Trouble:
     retry_after: int = 1       # the Retry-After header's seconds
     flaky: dict[str, int] = field(default_factory=dict)  # path -> answer 503 that many times, then work
     broken: set[str] = field(default_factory=set)        # paths that always answer 500
+    credentials: dict[str, str] = field(default_factory=dict, repr=False)  # API answers 401 without them (Gelbooru)
 
 
 class LocalBooru:
@@ -110,6 +112,8 @@ class LocalBooru:
                 if too_soon:
                     return 429, {"Retry-After": str(trouble.retry_after)}, b"slow down"
         if path in API_PATHS:
+            if any(query.get(name) != [value] for name, value in trouble.credentials.items()):
+                return 401, {}, b'"Missing authentication"'
             return 200, {"Content-Type": "application/json"}, json.dumps(self.search(path, query)).encode()
         body = self.files.get(path.lstrip("/"))
         if body is None:

@@ -109,6 +109,26 @@ def setup(smoke: bool | None = None, use_drive: bool = False, outputs: str | Pat
     return rt
 
 
+def read_secret(name: str) -> str:
+    """A secret (API key, user id, token) from Colab's secrets (the key icon in the left bar), else the
+    environment variable ``name``, else typed in with hidden input; "" when none is given. Never printed."""
+    if in_colab():
+        from google.colab import userdata  # only exists in Colab
+
+        try:
+            return userdata.get(name)
+        except Exception:  # not defined, or this notebook was not granted access: ask below
+            pass
+    if os.environ.get(name):
+        return os.environ[name]
+    import getpass
+
+    try:
+        return getpass.getpass(f"{name} (hidden; Enter to skip): ").strip()
+    except (EOFError, NotImplementedError):  # no way to ask (a headless run)
+        return ""
+
+
 def find_dataset(rt: Runtime) -> Path:
     """Notebook 01/02's dataset (``outputs/dataset``) when it exists, else the bundled sample, saying so."""
     from .sample_data import sample_dataset_dir
@@ -170,7 +190,7 @@ def same_release(a: str, b: str) -> bool:
     from packaging.version import InvalidVersion, Version
 
     try:
-        return Version(a).public == Version(b).public
+        return Version(Version(a).public) == Version(Version(b).public)
     except InvalidVersion:
         return a == b
 

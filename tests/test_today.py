@@ -155,3 +155,52 @@ def test_blip_with_no_weights_at_all_says_what_is_missing(blip_folders):
     (only_bin / "pytorch_model.bin").unlink()
     with pytest.raises(ModelLoadError, match="model.safetensors"):
         Captioner.load(str(only_bin))
+
+
+KEY, USER = "k3y-S3CRET-0123456789abcdef", "90817263"
+
+
+def test_gelbooru_credentials_are_required_sent_and_never_shown(tmp_path, monkeypatch, capsys):
+    from sdcourse import data
+    from sdcourse.practice import LocalBooru, Trouble
+
+    fast = data.HttpConfig(retries=0, backoff=0.0)
+    gelbooru = data.BooruConfig("https://gelbooru.com", api="dapi")
+    assert set(data.required_credentials(gelbooru)) == {"api_key", "user_id"}
+    assert data.required_credentials(data.BooruConfig("https://safebooru.org")) == {}
+    with pytest.raises(ValueError, match="api_key and user_id.*GELBOORU_API_KEY and GELBOORU_USER_ID"):
+        data.search_booru(gelbooru, "maid", limit=5, http=fast)  # refused before any request
+    monkeypatch.setenv("GELBOORU_API_KEY", KEY)
+    monkeypatch.setenv("GELBOORU_USER_ID", USER)
+    assert data.fill_credentials(gelbooru).credentials == {"api_key": KEY, "user_id": USER}
+
+    # The practice booru answers 401 like Gelbooru unless both parameters come with every API request.
+    monkeypatch.setattr(data, "REQUIRED_CREDENTIALS", {"127.0.0.1": {"api_key": "GELBOORU_API_KEY",
+                                                                    "user_id": "GELBOORU_USER_ID"}})
+    with LocalBooru.from_sample(trouble=Trouble(credentials={"api_key": KEY, "user_id": USER}), lifetime=60) as booru:
+        config = data.fill_credentials(data.BooruConfig(booru.url, api="dapi", min_interval=0.0))
+        candidates = data.from_booru(config, "red_circle", tmp_path / "downloads", limit=3, http=fast)
+        assert 401 not in booru.statuses() and len(candidates) == 3 and all(c.path for c in candidates)
+        wrong = data.BooruConfig(booru.url, api="dapi", min_interval=0.0, credentials={"api_key": "x", "user_id": USER})
+        [refused] = data.from_booru(wrong, "red_circle", tmp_path / "downloads", limit=3, http=fast)
+        assert "HTTP 401" in refused.error and "credentials" in refused.error
+    report = data.build_dataset(candidates + [refused], tmp_path / "dataset", data.CleanConfig(resolution=64))
+    print(report, data.summary(report), config, [vars(c) for c in candidates])
+    shown = capsys.readouterr()
+    written = "".join(p.read_text(errors="replace") for p in (tmp_path / "dataset").glob("*.csv"))
+    for secret in (KEY, USER):
+        assert secret not in shown.out + shown.err + written + repr(config) + report.to_csv()
+
+
+def test_read_secret_prefers_the_environment_then_asks_hidden(monkeypatch, capsys):
+    import getpass
+
+    monkeypatch.setenv("SDCOURSE_TEST_SECRET", KEY)
+    assert runtime.read_secret("SDCOURSE_TEST_SECRET") == KEY
+    monkeypatch.delenv("SDCOURSE_TEST_SECRET")
+    prompts = []
+    monkeypatch.setattr(getpass, "getpass", lambda prompt: prompts.append(prompt) or f" {KEY} ")
+    assert runtime.read_secret("SDCOURSE_TEST_SECRET") == KEY and "SDCOURSE_TEST_SECRET" in prompts[0]
+    monkeypatch.setattr(getpass, "getpass", lambda prompt: (_ for _ in ()).throw(EOFError()))
+    assert runtime.read_secret("SDCOURSE_TEST_SECRET") == ""
+    assert KEY not in capsys.readouterr().out
