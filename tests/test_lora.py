@@ -40,7 +40,7 @@ def test_saved_lora_loads_into_a_pipeline_and_changes_it(unet_with_trained_lora,
     assert file.exists() and all(k.startswith("unet.") for k in load_file(file))
     pipe = models.load_pipeline(tiny_sd_path)
     base = image(pipe)
-    pipe.load_lora_weights(tmp_path / "lora")
+    pipe.load_lora_weights(tmp_path / "lora", weight_name=lora.WEIGHT_NAME)
     with_lora = image(pipe)
     assert not torch.allclose(torch.tensor(base), torch.tensor(with_lora))
     pipe.unet = unet  # the in-memory UNet with the same adapter gives the same picture
@@ -64,9 +64,9 @@ def test_kohya_export_loads_and_matches(unet_with_trained_lora, tiny_sd_path, tm
     assert all(k.startswith("lora_unet_") for k in keys)
     assert any(k.endswith(".lora_down.weight") for k in keys) and any(k.endswith(".alpha") for k in keys)
     reference = models.load_pipeline(tiny_sd_path)
-    reference.load_lora_weights(tmp_path / "lora")
+    reference.load_lora_weights(tmp_path / "lora", weight_name=lora.WEIGHT_NAME)
     pipe = models.load_pipeline(tiny_sd_path)
-    pipe.load_lora_weights(str(kohya))  # diffusers reads kohya's format as the web UI does
+    pipe.load_lora_weights(str(kohya.parent), weight_name=kohya.name)  # diffusers reads kohya's format as the web UI does
     torch.testing.assert_close(torch.tensor(image(pipe)), torch.tensor(image(reference)), atol=1e-5, rtol=0)
 
 
@@ -101,7 +101,7 @@ def test_lora_training_resumes_exactly_and_saves_only_the_lora(tmp_path, tiny_sd
 
     pipe = models.load_pipeline(tiny_sd_path)
     base = image(pipe)
-    pipe.load_lora_weights(final)
+    pipe.load_lora_weights(final, weight_name=lora.WEIGHT_NAME)
     assert not torch.allclose(torch.tensor(base), torch.tensor(image(pipe)))
 
 
