@@ -3,8 +3,7 @@
 ``LocalBooru`` serves the bundled sample images as booru posts, in the Danbooru (``/posts.json``)
 and Gelbooru/Safebooru (``index.php?page=dapi``) styles, on 127.0.0.1 only, with switches for the
 trouble real sites give: slow answers, server errors, 429 rate limiting with Retry-After, 401 without
-an API key. It stops
-by itself after ``lifetime`` seconds. ``write_problem_files`` makes the files a real collection
+an API key. It stops by itself after ``lifetime`` seconds. ``write_problem_files`` makes the files a real collection
 contains sooner or later (truncated, CMYK, 16-bit, decompression bombs, duplicates...).
 """
 
