@@ -7,7 +7,8 @@ A DreamBooth run is the ordinary UNet fine-tune (``train.train``) on a special d
   every dog into that dog (Ruiz et al. 2022).
 
 Both halves get equal weight in the loss, as in diffusers' example with ``prior_loss_weight=1``:
-the subject's rows are repeated in ``metadata.csv`` until they are as many as the prior images.
+the smaller half's rows (the subject's photos, or the prior images when there are fewer of them) are
+repeated in ``metadata.csv`` until they are about as many as the other half's.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def build_dataset(instance_dir: str | Path, instance_prompt: str, prior_dir: str
         for path in images:
             shutil.copy2(path, out / prefix / path.name)
         halves.append([{"file_name": f"{prefix}/{p.name}", "text": prompt} for p in images])
-    instance_rows, prior_rows = halves
-    repeats = max(1, round(len(prior_rows) / len(instance_rows)))
-    pd.DataFrame(instance_rows * repeats + prior_rows).to_csv(out / "metadata.csv", index=False, encoding="utf-8")
+    larger = max(map(len, halves))
+    rows = [row for half in halves for row in half * max(1, round(larger / len(half)))]
+    pd.DataFrame(rows).to_csv(out / "metadata.csv", index=False, encoding="utf-8")
     return out

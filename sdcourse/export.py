@@ -9,6 +9,9 @@
   UNet's and VAE's configs (any number of blocks and layers, SD 1.x and 2.x).
 
 Everything is read and written as safetensors; files appear under their final name only when complete.
+Weights are read through the models (``from_pretrained``), never raw from the files: the hub's SD 1.x/2.x
+VAEs store old attention names (``query``, ``key``, ``value``, ``proj_attn``) and its text encoders a
+``text_model.`` prefix, which diffusers and transformers translate on load.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .runtime import atomic_dir
 
@@ -27,13 +31,28 @@ COMPONENT_WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diff
                      "text_encoder": "model.safetensors"}
 
 
-def load_component(pipeline_dir: str | Path, component: str) -> dict[str, torch.Tensor]:
-    """A component's weights as a state dict, read from safetensors only (never pickle)."""
+STORED_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+def load_model(pipeline_dir: str | Path, component: str) -> torch.nn.Module:
+    """A component as its model class loads it (safetensors only, never pickle), in the dtype it is stored in."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
     path = Path(pipeline_dir) / component / COMPONENT_WEIGHTS[component]
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: expected a diffusers pipeline folder saved with safetensors "
                                 f"(save_pretrained(..., safe_serialization=True)).")
-    return load_file(path)
+    with safe_open(path, "pt") as f:  # reads the header only
+        stored = {f.get_slice(k).get_dtype() for k in f.keys()}
+    dtype = next((STORED_DTYPES[d] for d in ("F32", "BF16", "F16") if d in stored), torch.float32)
+    model_class = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[component]
+    return model_class.from_pretrained(pipeline_dir, subfolder=component, torch_dtype=dtype, use_safetensors=True)
+
+
+def load_component(pipeline_dir: str | Path, component: str) -> dict[str, torch.Tensor]:
+    """A component's weights as a state dict, with the names the model gives them on load."""
+    return load_model(pipeline_dir, component).state_dict()
 
 
 def _config(pipeline_dir: str | Path, component: str) -> dict:
@@ -43,7 +62,11 @@ def _config(pipeline_dir: str | Path, component: str) -> dict:
 # --- Merging -----------------------------------------------------------------------------------
 
 def weighted_sum(state_dicts: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """sum_i weights[i] * state_dicts[i], in fp32, each tensor returned in the first dict's dtype."""
+    """sum_i weights[i] * state_dicts[i], in fp32, each tensor returned in the first dict's dtype.
+
+    Tensors that are not floating point (``position_ids``, counters) are indices, not weights: they
+    are taken from the first dict (a float round trip would truncate 0.9 * 76 + 0.1 * 76 to 75).
+    """
     if len(state_dicts) != len(weights) or not state_dicts:
         raise ValueError(f"need one weight per model, got {len(state_dicts)} models and {len(weights)} weights")
     first = state_dicts[0]
@@ -57,7 +80,7 @@ def weighted_sum(state_dicts: list[dict[str, torch.Tensor]], weights: list[float
                 raise ValueError(f"model {i}: {key} has shape {tuple(tensor.shape)}, model 0 has "
                                  f"{tuple(first[key].shape)}: only models of the same architecture can be merged")
     return {key: sum(w * sd[key].float() for sd, w in zip(state_dicts, weights)).to(first[key].dtype)
-            for key in first}
+            if first[key].is_floating_point() else first[key].clone() for key in first}
 
 
 def add_difference(a: dict, b: dict, c: dict, alpha: float) -> dict[str, torch.Tensor]:
@@ -70,15 +93,19 @@ def merge_pipelines(pipeline_dirs: list[str | Path], weights: list[float], out_d
     """Weighted merge of diffusers pipeline folders of one architecture into ``out_dir``.
 
     Scheduler, tokenizer and configs come from the first folder. Components whose weights are equal
-    in all folders (a frozen VAE, say) come out unchanged.
+    in all folders (a frozen VAE, say) come out unchanged. Each merged component is written by its
+    model's ``save_pretrained``, in the first folder's dtype, with the names the installed libraries write.
     """
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         shutil.copytree(pipeline_dirs[0], tmp, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.ckpt"))
         for component in components:
-            merged = weighted_sum([load_component(d, component) for d in pipeline_dirs], weights)
-            save_file(merged, tmp / component / COMPONENT_WEIGHTS[component])
+            first = load_model(pipeline_dirs[0], component)
+            others = [load_component(d, component) for d in pipeline_dirs[1:]]
+            first.load_state_dict(weighted_sum([first.state_dict(), *others], weights))
+            first.save_pretrained(tmp / component, safe_serialization=True)
+            del first, others
         (tmp / "merge.json").write_text(json.dumps(
             {"models": [str(d) for d in pipeline_dirs], "weights": weights, "components": list(components)}, indent=2))
     return out_dir

@@ -186,7 +186,7 @@ class DenoisingTrace:
     total_steps: int
     steps: list[int]          # 1-based step numbers, as in "step 10 of 40"
     timesteps: list[float]    # the scheduler's timestep at each captured step (999 = pure noise)
-    latents: list[torch.Tensor]  # the noisy latent after the step, [4, h, w]
+    latents: list[torch.Tensor]  # the noisy latent after the step, [4, h, w], on the VAE's scale
     x0: list[torch.Tensor]       # the scheduler's estimate of the finished latent at that step
     image: Image.Image           # the final picture
 
@@ -222,6 +222,11 @@ def trace_denoising(pipe, prompt: str, seed: int, steps: int, capture: list[int]
     def on_step_end(pipe, i, t, tensors):
         if i + 1 in wanted:
             latents = tensors["latents"]
+            sigmas = getattr(scheduler, "sigmas", None)
+            if sigmas is not None and scheduler.step_index is not None:
+                # Euler-family latents are x0 + sigma * noise, sqrt(sigma^2 + 1) times larger than the
+                # VAE's scale (DDIM's are on it): divided, they decode to a picture, not a blow-out.
+                latents = latents / (sigmas[scheduler.step_index].to(latents.device) ** 2 + 1) ** 0.5
             trace.steps.append(i + 1)
             trace.timesteps.append(float(t))
             trace.latents.append(latents[0].float().cpu())

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import models
-from .train import CaptionedImages, compute_dtype_for, diffusion_loss, encode_pixels, load_models, step_seed
+from .train import CaptionedImages, LossScaler, compute_dtype_for, diffusion_loss, encode_pixels, load_models, step_seed
 
 # Captions are made from templates so the token learns what the images share, not their captions.
 TEMPLATES = {
@@ -55,6 +55,8 @@ class TIResult:
     losses: list[float]
     tokenizer: object      # with the new token
     text_encoder: object   # with the learned vector, ready to sample with
+    overflow_steps: int = 0    # fp16: steps skipped because the scaled gradient overflowed
+    loss_scale: float = 1.0    # fp16: the loss scale at the end
 
 
 def add_token(tokenizer, text_encoder, token: str, init_word: str) -> int:
@@ -80,9 +82,11 @@ def train_embedding(cfg: TIConfig, on_step=None) -> TIResult:
         raise ValueError(f"TIConfig.what = {cfg.what!r}; choose one of {sorted(TEMPLATES)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype_for(cfg.mixed_precision, device)
-    m = load_models(models.resolve(cfg.model, smoke=False), frozen_dtype=dtype)
-    # The text encoder stays fp32: its embedding table holds the one trained vector and Adam's state.
-    m.text_encoder.to(device, torch.float32)
+    # Loaded in fp32, never through a half-precision copy: the text encoder's embedding table holds
+    # the one trained vector and Adam's state (and every other word's exact row); the VAE encodes the
+    # few images once, and fp32 cannot overflow there.
+    m = load_models(models.resolve(cfg.model, smoke=False), frozen_dtype=torch.float32)
+    m.text_encoder.to(device)
     m.unet.requires_grad_(False).to(device)
     if dtype != torch.float32:  # frozen: no fp32 master copy needed
         m.unet.to(dtype=dtype)
@@ -99,7 +103,7 @@ def train_embedding(cfg: TIConfig, on_step=None) -> TIResult:
     for i in range(len(images)):  # a style or an object: a handful of images, encoded once
         item = images[i]
         if "pixels" in item:
-            latents.append(encode_pixels(m.vae, item["pixels"][None]).to("cpu", dtype))
+            latents.append(encode_pixels(m.vae, item["pixels"][None]).cpu())
         else:
             print(f"Skipping {images.files[i]}: {item['error']}")
     if not latents:
@@ -107,8 +111,10 @@ def train_embedding(cfg: TIConfig, on_step=None) -> TIResult:
     m.vae.to("cpu")
 
     optimizer = torch.optim.AdamW([embeddings], lr=cfg.lr, weight_decay=0.0)
+    # The gradient reaches the vector through the frozen fp16 UNet: unscaled, much of it underflows.
+    scaler = LossScaler(dtype == torch.float16)
     rng = random.Random(cfg.seed)
-    losses = []
+    losses, overflow_steps = [], 0
     for step in tqdm(range(cfg.steps), desc="textual inversion"):
         batch = torch.cat(rng.choices(latents, k=cfg.batch_size)).to(device)
         prompts = [rng.choice(TEMPLATES[cfg.what]).format(cfg.token) for _ in range(cfg.batch_size)]
@@ -117,8 +123,12 @@ def train_embedding(cfg: TIConfig, on_step=None) -> TIResult:
         generator = torch.Generator(device).manual_seed(step_seed(cfg.seed, 0, step))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = diffusion_loss(m.unet, m.noise_scheduler, batch, m.text_encoder(ids)[0], generator)
-        loss.backward()
-        optimizer.step()
+        (loss * scaler.scale).backward()
+        finite = scaler.unscale_(embeddings.grad)
+        if finite:  # an overflow skips the step, as in the training loop
+            optimizer.step()
+        overflow_steps += not finite
+        scaler.update(overflow=not finite)
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # every other word keeps its embedding exactly
             embeddings[others] = original[others]
@@ -134,4 +144,4 @@ def train_embedding(cfg: TIConfig, on_step=None) -> TIResult:
               metadata={"token": cfg.token, "base_model": cfg.model})
     tmp.replace(file)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    return TIResult(file, losses, m.tokenizer, m.text_encoder.requires_grad_(False))
+    return TIResult(file, losses, m.tokenizer, m.text_encoder.requires_grad_(False), overflow_steps, scaler.scale)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 # Bump when a config below changes, so cached folders are rebuilt.
-TINY_VERSION = "2"
+TINY_VERSION = "3"
 
 # Words of the sample data's captions and the course's prompts: each gets a single BPE token, so
 # tokenization in smoke mode looks like the real thing ("red</w>") instead of byte soup.
@@ -153,10 +153,49 @@ def _ensure(name: str, save) -> str:
     return str(target)
 
 
+# The hub's SD 1.x/2.x VAEs keep the mid-block attention names of diffusers before 0.15; diffusers
+# renames them on load and writes the new names on save.
+OLD_VAE_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def to_hub_layout(folder: str | Path) -> None:
+    """Rewrite a saved pipeline folder's weight files in place into the hub repositories' layout.
+
+    The VAE's mid-block attention gets its old names (``query``, ``key``, ``value``, ``proj_attn``);
+    the text encoder's keys get the ``text_model.`` prefix of transformers 4 (transformers >= 5.6 saves
+    them without it) and the integer ``position_ids`` buffer the hub's files carry. Code that reads
+    the files raw instead of through the models sees what it would see on the real path.
+    """
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    vae = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    renamed = {}
+    for key, value in load_file(vae).items():
+        if ".mid_block.attentions." in key:
+            head, tail = key.split(".mid_block.attentions.0.")
+            for new, old in OLD_VAE_ATTENTION.items():
+                if tail.startswith(new + "."):
+                    tail = old + tail[len(new):]
+            key = f"{head}.mid_block.attentions.0.{tail}"
+        renamed[key] = value
+    save_file(renamed, vae, metadata={"format": "pt"})
+    text = folder / "text_encoder" / "model.safetensors"
+    state = {"text_model." + k.removeprefix("text_model."): v for k, v in load_file(text).items()}
+    positions = state["text_model.embeddings.position_embedding.weight"].shape[0]
+    state["text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    save_file(state, text, metadata={"format": "pt"})
+
+
+def _save_sd(prediction_type: str, folder: Path) -> None:
+    build_sd_pipeline(prediction_type).save_pretrained(folder, safe_serialization=True)
+    to_hub_layout(folder)
+
+
 def sd_path(prediction_type: str = "epsilon") -> str:
-    """Folder of a tiny SD pipeline; ``StableDiffusionPipeline.from_pretrained(folder)`` loads it."""
+    """Folder of a tiny SD pipeline in the hub's layout; ``StableDiffusionPipeline.from_pretrained(folder)`` loads it."""
     name = {"epsilon": "tiny-sd-epsilon", "v_prediction": "tiny-sd-v"}[prediction_type]
-    return _ensure(name, lambda d: build_sd_pipeline(prediction_type).save_pretrained(d, safe_serialization=True))
+    return _ensure(name, lambda d: _save_sd(prediction_type, d))
 
 
 def blip_path() -> str:

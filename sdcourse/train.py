@@ -299,13 +299,37 @@ def build_cache(dataset: CaptionedImages, m: Models, batch_size: int, num_worker
             report(i, error)
         if batch["pixels"] is None:
             continue
-        for i, latent in zip(batch["indices"], encode_pixels(m.vae, batch["pixels"])):
-            cache.latents[i] = latent.to("cpu", torch.float16)
+        for i, latent, pixels in zip(batch["indices"], encode_pixels(m.vae, batch["pixels"]), batch["pixels"]):
+            latent = finite_latent(m.vae, pixels, latent)
+            if latent is None:
+                report(i, "its latent is not finite (inf/NaN) even with the VAE in fp32")
+                continue
+            cache.latents[i] = latent
         new = sorted({t for t in batch["texts"] if t not in cache.embeddings})
         if new:
             for text, emb in zip(new, encode_texts(m.tokenizer, m.text_encoder, new)):
                 cache.embeddings[text] = emb.to("cpu", torch.float16)
     return cache
+
+
+def finite_latent(vae, pixels: torch.Tensor, latent: torch.Tensor) -> torch.Tensor | None:
+    """The latent as cached (fp16, CPU), checked: inf/NaN would surface later as a divergence that
+    blames the learning rate, on every resume. A half-precision VAE can overflow on an image that
+    fp32 encodes fine, so that image is encoded again in fp32; None if even that is not finite
+    (the image is then reported and skipped like an unreadable one, not allowed to end the run)."""
+    cached = latent.to("cpu", torch.float16)
+    if torch.isfinite(cached).all():
+        return cached
+    if vae.dtype != torch.float32:
+        dtype = vae.dtype
+        vae.to(torch.float32)
+        try:
+            cached = encode_pixels(vae, pixels[None])[0].to("cpu", torch.float16)
+        finally:
+            vae.to(dtype)
+        if torch.isfinite(cached).all():
+            return cached
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,6 +348,7 @@ def noise_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
 def diffusion_loss(unet, noise_scheduler, latents, embeddings, generator: torch.Generator,
                    noise_offset: float = 0.0, min_snr_gamma: float | None = None) -> torch.Tensor:
     """Noise the latents at random timesteps, let the UNet predict, MSE against the target."""
+    latents = latents.float()  # noise, add_noise and the velocity in fp32 whatever the latents arrive in
     b, c = latents.shape[:2]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
     if noise_offset:  # a per-channel shift lets the model learn overall brightness (Guttenberg 2023)
@@ -403,14 +428,25 @@ class UNetOptimizer:
     complete (``register_post_accumulate_grad_hook``); the gradient is freed right away, so peak
     memory holds one gradient instead of all of them. This needs the whole gradient in one
     backward: with gradient accumulation, or on several GPUs (their gradients are averaged after
-    the hook would fire), the ordinary step runs instead. With fp16, an overflowing gradient skips
-    its own and all later parameters' updates of that step (earlier ones in backward order are
-    already applied); this happens only while the loss scale calibrates in the first steps.
-    No gradient clipping: it needs the norm of all gradients before any step.
+    the hook would fire), the ordinary step runs instead. No gradient clipping: it needs the norm
+    of all gradients before any step.
+
+    fp16 overflow, by design different from the ordinary step: an inf/NaN gradient never reaches a
+    weight or an optimizer state, and the loss scale halves, as with ``torch.amp.GradScaler``; but
+    the parameters whose gradients completed before it in backward order have already taken their
+    step, so that batch's update is partial (each parameter's Adam stays self-consistent). Skipping
+    the whole step would need every gradient checked before any is applied: a second backward
+    pass per step (about a third more time on every step) or all gradients kept (the memory this
+    saves). Overflows come a few times while the scale calibrates and then about once per
+    ``growth_interval`` (2,000) steps, when the scale doubles and overflows again: one partial
+    batch in 2,000. ``partial_steps`` counts them; the run reports the number.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], kind: str, lr: float, scaler: LossScaler, fused: bool):
         self.params, self.scaler, self.fused, self.lr, self.overflow = params, scaler, fused, lr, False
+        self.reached: set[int] = set()  # ids of the parameters whose hook ran in this backward
+        self.applied = 0                # of those, how many took their step
+        self.partial_steps = 0          # fused fp16 steps cut short by an overflow after some parameters stepped
         if fused:
             self.optimizers = [make_adamw([p], kind, lr) for p in params]
             for p, optimizer in zip(params, self.optimizers):
@@ -419,15 +455,26 @@ class UNetOptimizer:
             self.optimizers = [make_adamw(params, kind, lr)]
 
     def _step_one(self, p: torch.nn.Parameter, optimizer) -> None:
+        if id(p) in self.reached:
+            # Reentrant checkpointing runs a backward inside the backward: a parameter's hook fires
+            # for a part of its gradient, and it would step twice on parts.
+            raise RuntimeError(
+                "fused_step: a parameter's gradient completed twice in one backward pass, which happens under "
+                "reentrant gradient checkpointing (torch.utils.checkpoint with use_reentrant=True). Use "
+                "unet.enable_gradient_checkpointing() without a custom function (diffusers' default is "
+                "non-reentrant), or set fused_step=False.")
+        self.reached.add(id(p))
         if not self.overflow and self.scaler.unscale_(p.grad):
             optimizer.param_groups[0]["lr"] = self.lr
             optimizer.step()
+            self.applied += 1
         else:
             self.overflow = True
         p.grad = None
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of the (scaled) loss; the fused step happens in here."""
+        self.reached.clear()
         (loss * self.scaler.scale).backward()
 
     def step(self) -> None:
@@ -440,8 +487,10 @@ class UNetOptimizer:
                 optimizer.param_groups[0]["lr"] = self.lr
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        elif self.overflow and self.applied:
+            self.partial_steps += 1
         self.scaler.update(self.overflow)
-        self.overflow = False
+        self.overflow, self.applied = False, 0
 
     def state_dict(self) -> dict:
         return {"optimizers": [o.state_dict() for o in self.optimizers], "scaler": self.scaler.state_dict()}
@@ -458,19 +507,32 @@ def trainable(unet) -> list[torch.nn.Parameter]:
 
 
 class CpuEMA:
-    """Exponential moving average of the trained weights, kept in CPU memory (no GPU cost)."""
+    """Exponential moving average of the trained weights, kept in CPU memory (no GPU cost).
 
-    def __init__(self, unet, decay: float):
-        self.decay = decay
+    The decay warms up as in diffusers' ``EMAModel``: at optimizer step ``s`` it is
+    ``min(decay, (1 + t) / (10 + t))`` with ``t = s - 1`` (0 at the first step). Without the warmup a
+    0.9999 EMA after 1,000 steps would still be 90 % the base model. ``step`` is the optimizer step
+    of the last update (saved in the training state as ``last_ema``).
+    """
+
+    def __init__(self, unet, decay: float, step: int = 0):
+        self.decay, self.step = decay, step
         self.weights = {name: p.detach().to("cpu", torch.float32, copy=True)
                         for name, p in unet.named_parameters() if p.requires_grad}
 
+    def decay_at(self, step: int) -> float:
+        t = step - 1
+        return 0.0 if t <= 0 else min(self.decay, (1 + t) / (10 + t))
+
     @torch.no_grad()
-    def update(self, unet, steps_since_last: int) -> None:
-        weight = 1 - self.decay ** steps_since_last  # as if updated at every one of those steps
+    def update(self, unet, step: int) -> None:
+        """Bring the average to optimizer step ``step``, as if updated at each step since the last update
+        with the weights as they are now: the old average keeps the product of those steps' decays."""
+        keep = math.prod(self.decay_at(s) for s in range(self.step + 1, step + 1))
         for name, p in unet.named_parameters():
             if name in self.weights:
-                self.weights[name].lerp_(p.detach().to("cpu", torch.float32), weight)
+                self.weights[name].lerp_(p.detach().to("cpu", torch.float32), 1 - keep)
+        self.step = step
 
     @torch.no_grad()
     def copy_to(self, unet) -> None:
@@ -599,6 +661,7 @@ class TrainResult:
     skipped: dict[str, str]      # unreadable image -> why
     peak_gib: float | None       # measured peak GPU memory (CUDA only)
     estimate: memory.MemoryEstimate
+    partial_steps: int = 0       # fp16 fused steps cut short by an overflow (see UNetOptimizer)
 
 
 def compute_dtype_for(setting: str, device: torch.device) -> torch.dtype:
@@ -618,6 +681,14 @@ def compute_dtype_for(setting: str, device: torch.device) -> torch.dtype:
 def step_seed(seed: int, rank: int, micro_step: int) -> int:
     """Noise and timesteps of each micro-batch come from (seed, rank, micro-step): a resume needs no RNG state."""
     return random.Random(f"{seed}/{rank}/{micro_step}").getrandbits(63)
+
+
+def blank_inputs(m: Models, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero latents and text embeddings of one image: something to run a backward on when a process has no data."""
+    factor = 2 ** (len(m.vae.config.block_out_channels) - 1)
+    device = m.unet.device
+    return (torch.zeros(1, m.unet.config.in_channels, cfg.height // factor, cfg.width // factor, device=device),
+            torch.zeros(1, m.tokenizer.model_max_length, m.unet.config.cross_attention_dim, device=device))
 
 
 def explain_oom(cfg: TrainConfig, estimate: memory.MemoryEstimate) -> str:
@@ -732,8 +803,11 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
         if ema is not None and (resume_from / "ema_unet.safetensors").exists():
             from safetensors.torch import load_file
             ema.weights = load_file(resume_from / "ema_unet.safetensors")
+            last = state.get("last_ema")  # absent from checkpoints written before it was kept
+            ema.step = last if last is not None else step - step % cfg.ema_every
         elif ema is not None:
             say("The checkpoint has no EMA weights (EMA was off): the EMA starts from its weights now.")
+            ema.step = step
         say(f"Resuming from {resume_from} (step {step} of {total_steps}).")
     estimate = memory.estimate_peak(unet, sum(p.numel() for f in frozen for p in f.parameters()),
                                     batch_size=cfg.batch_size, width=cfg.width, height=cfg.height,
@@ -766,7 +840,8 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
     def save(step: int) -> None:
         if main:
             save_checkpoint(checkpoints, step, accelerator.unwrap_model(unet),
-                            {"step": step, "optimizer": optimizer.state_dict()}, ema, cfg.keep_checkpoints)
+                            {"step": step, "optimizer": optimizer.state_dict(),
+                             "last_ema": ema.step if ema is not None else None}, ema, cfg.keep_checkpoints)
         accelerator.wait_for_everyone()
 
     curve = LossCurve(live=main)
@@ -774,12 +849,17 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
         validate(0)
     bar = tqdm(total=total_steps, initial=step, disable=not main, desc="training", unit="step")
     images_done, clock, step_losses = 0, time.perf_counter(), []
-    micro, last_ema = step * cfg.grad_accum, step - step % cfg.ema_every
+    micro = step * cfg.grad_accum
     try:
         while step < total_steps:
             epoch, offset = divmod(micro, micro_per_epoch)
             for inputs in micro_batches(epoch, offset):
                 micro += 1
+                weight = 1.0
+                if inputs is None and world > 1:
+                    # The other processes all-reduce gradients in this backward and would wait for
+                    # this one forever: join in with a loss of weight 0.
+                    inputs, weight = blank_inputs(m, cfg), 0.0
                 if inputs is not None:
                     latents, embeddings = inputs
                     generator = torch.Generator(device).manual_seed(step_seed(cfg.seed, rank, micro))
@@ -795,16 +875,16 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
                                 f"The loss became {loss.item()} at step {step + 1}; stopped before it reached the "
                                 f"weights. Last good checkpoint: {last[-1] if last else 'none yet'} (resume=True "
                                 "continues from it). Try a lower lr, mixed_precision='bf16' or 'fp32', or check the data.")
-                        optimizer.backward(loss / cfg.grad_accum)
-                    step_losses.append(loss.item())
-                    images_done += len(latents) * world
+                        optimizer.backward(loss * weight / cfg.grad_accum)
+                    if weight:
+                        step_losses.append(loss.item())
+                        images_done += len(latents) * world
                 if micro % cfg.grad_accum:
                     continue
                 optimizer.step()
                 step += 1
                 if ema is not None and (step % cfg.ema_every == 0 or step == total_steps):
-                    ema.update(accelerator.unwrap_model(unet), step - last_ema)
-                    last_ema = step
+                    ema.update(accelerator.unwrap_model(unet), step)
                 if step_losses:  # empty only when every image of the step was unreadable
                     curve.add(step, sum(step_losses) / len(step_losses))
                     step_losses = []
@@ -838,14 +918,18 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
     curve.draw(force=True)
     if main and curve.losses:
         curve.fig.savefig(out / "loss.png", dpi=100, bbox_inches="tight")
+    if optimizer.partial_steps:
+        say(f"{optimizer.partial_steps} of this session's steps were partial: an fp16 gradient overflowed after "
+            "some parameters had taken their step (the fused step's design; see UNetOptimizer).")
     save(step)
+    if ema is not None:  # the final model is the EMA: the last validation images show it
+        ema.copy_to(accelerator.unwrap_model(unet))
     validate(step)
+    partial_steps = optimizer.partial_steps
     if main:
         unet = accelerator.unwrap_model(unet)
         del optimizer
         free_memory()
-        if ema is not None:
-            ema.copy_to(unet)
         if cfg.lora_rank:
             save_lora_result(unet, final)
             say(f"Saved the LoRA weights to {final / lora.WEIGHT_NAME} (load with pipe.load_lora_weights)")
@@ -853,17 +937,28 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
             save_pipeline(model_id, m, unet, final)
             say(f"Saved the fine-tuned pipeline to {final}")
     accelerator.wait_for_everyone()
-    return TrainResult(final, curve.losses, skipped, peak, estimate)
+    return TrainResult(final, curve.losses, skipped, peak, estimate, partial_steps)
 
 
 def save_pipeline(model_id: str, m: Models, unet, final: Path) -> None:
-    """A complete diffusers pipeline folder, every part in fp16 safetensors; written aside, then renamed."""
-    from diffusers import StableDiffusionPipeline
+    """A complete diffusers pipeline folder in safetensors; written aside, then renamed.
 
-    for module in (unet, m.vae, m.text_encoder):  # training is over: the fp32 master weights can go
-        module.to("cpu").half()
+    The trained UNet in fp16 (1.7 GB for SD 1.5 instead of 3.4 GB of fp32 master weights: what a
+    free Drive holds and a Colab loads quickly). The frozen VAE and text encoder come again from the
+    base in fp32, never the copies training held in its compute dtype (bf16 would round them), and
+    tokenizer and scheduler from the base too: the folder is 2.5 GB for SD 1.5. fp32 frozen parts make
+    both common calls consistent: ``from_pretrained(folder)`` with no dtype gives fp32 throughout
+    (diffusers upcasts the fp16 UNet; transformers 5 keeps a text encoder in its saved dtype, so an
+    fp16 one would meet an fp32 UNet), and ``torch_dtype=torch.float16`` gives fp16 throughout.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    unet.to("cpu").half()  # training is over: the fp32 master weights can go
+    frozen = dict(torch_dtype=torch.float32, use_safetensors=True)
     pipe = StableDiffusionPipeline.from_pretrained(
-        model_id, unet=unet, vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer,
+        model_id, unet=unet, vae=AutoencoderKL.from_pretrained(model_id, subfolder="vae", **frozen),
+        text_encoder=CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", **frozen),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.scheduler.register_to_config(prediction_type=m.noise_scheduler.config.prediction_type)
     with atomic_dir(final) as tmp:

@@ -44,6 +44,19 @@ def test_dataset_balances_subject_and_prior(sample_dir, tmp_path):
     assert len(data) == 12 and all("pixels" in data[i] for i in range(len(data)))
 
 
+def test_dataset_repeats_whichever_half_is_smaller(sample_dir, tmp_path):
+    # 6 subject photos and 2 prior images: the prior half is the one repeated (3x), not the subject's.
+    instance, prior = tmp_path / "instance", tmp_path / "prior"
+    instance.mkdir(), prior.mkdir()
+    for p in sorted((sample_dir / "images").glob("blue_*"))[:6]:
+        shutil.copy(p, instance)
+    for p in sorted((sample_dir / "images").glob("red_*"))[:2]:
+        shutil.copy(p, prior)
+    table = pd.read_csv(dreambooth.build_dataset(instance, "a sks shape", prior, "a shape", tmp_path / "db") / "metadata.csv")
+    assert (table.text == "a sks shape").sum() == 6 and (table.text == "a shape").sum() == 6
+    assert table[table.text == "a shape"].file_name.value_counts().tolist() == [3, 3]
+
+
 def test_empty_folder_is_named(tmp_path):
     (tmp_path / "instance").mkdir(), (tmp_path / "prior").mkdir()
     with pytest.raises(ValueError, match="instance"):

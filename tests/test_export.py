@@ -66,6 +66,41 @@ def test_weighted_sum_and_add_difference():
     assert export.weighted_sum([half, half], [0.5, 0.5])["w"].dtype == torch.float16
 
 
+def test_merge_copies_integer_tensors_from_the_first_model():
+    ids = torch.arange(77)[None]
+    merged = export.weighted_sum([{"position_ids": ids, "w": torch.ones(2)}, {"position_ids": ids, "w": torch.zeros(2)}],
+                                 [0.9, 0.1])
+    assert merged["position_ids"].dtype == torch.int64 and torch.equal(merged["position_ids"], ids)
+    assert torch.allclose(merged["w"], torch.full((2,), 0.9))
+    assert torch.equal(export.add_difference({"i": ids}, {"i": ids + 5}, {"i": ids}, 0.5)["i"], ids)
+
+
+def test_tiny_models_are_stored_in_the_hub_layout(tiny_sd_path):
+    vae = load_file(f"{tiny_sd_path}/vae/diffusion_pytorch_model.safetensors")
+    assert {"encoder.mid_block.attentions.0.query.weight", "decoder.mid_block.attentions.0.proj_attn.bias"} <= vae.keys()
+    assert not any(".to_q." in k or ".to_out." in k for k in vae)
+    text = load_file(f"{tiny_sd_path}/text_encoder/model.safetensors")
+    assert all(k.startswith("text_model.") for k in text)
+    assert text["text_model.embeddings.position_ids"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_a_hub_layout_base_merges_with_its_fine_tune(prediction_type, tmp_path):
+    # The fine-tune is written by save_pretrained (the new VAE names); the base is as the hub stores it.
+    base = tiny.sd_path(prediction_type)
+    reference = StableDiffusionPipeline.from_pretrained(base)
+    tuned = StableDiffusionPipeline.from_pretrained(base)
+    with torch.no_grad():
+        tuned.unet.conv_in.weight.add_(1.0)
+    tuned.save_pretrained(tmp_path / "tuned", safe_serialization=True)
+    merged = StableDiffusionPipeline.from_pretrained(
+        export.merge_pipelines([base, tmp_path / "tuned"], [0.5, 0.5], tmp_path / "merged"))
+    torch.testing.assert_close(merged.unet.conv_in.weight, reference.unet.conv_in.weight + 0.5)
+    for name in ("vae", "text_encoder"):  # frozen in the fine-tune: unchanged by the merge
+        ours, ref = getattr(merged, name).state_dict(), getattr(reference, name).state_dict()
+        assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref), name
+
+
 def test_merge_refuses_different_architectures():
     with pytest.raises(ValueError, match="w has shape"):
         export.weighted_sum([{"w": torch.ones(2)}, {"w": torch.ones(3)}], [0.5, 0.5])

@@ -130,6 +130,19 @@ def test_trace_returns_exactly_the_requested_steps(pipe):
     assert gap[-1] < 0.1 * gap[0]
 
 
+@pytest.mark.parametrize("name", ["Euler", "Euler a"])
+def test_euler_traces_are_on_the_vaes_scale(pipe, name):
+    # Euler's latent after step 1 of 10 is x0 + sigma * noise with sigma ~ 8: the trace divides by
+    # sqrt(sigma^2 + 1), so what is decoded has the spread of DDIM's latents (about 1), not ~8.
+    sampling.set_scheduler(pipe, "DDIM")
+    ddim = sampling.trace_denoising(pipe, PROMPTS[0], seed=0, steps=10, capture=[1, 10], **SIZE)
+    sampling.set_scheduler(pipe, name)
+    euler = sampling.trace_denoising(pipe, PROMPTS[0], seed=0, steps=10, capture=[1, 10], **SIZE)
+    assert float(pipe.scheduler.sigmas[1]) > 4
+    for ours, theirs in zip(euler.latents, ddim.latents):
+        assert 0.6 < ours.std().item() / theirs.std().item() < 1.6, (ours.std(), theirs.std())
+
+
 @pytest.mark.parametrize("capture", [[0, 2], [2, 7], []])
 def test_trace_rejects_steps_outside_the_run(pipe, capture):
     with pytest.raises(ValueError, match="between 1 and steps=6"):

@@ -43,6 +43,33 @@ def test_only_the_new_vector_is_trained(trained, tiny_sd_path):
     assert len(result.losses) == cfg.steps and torch.isfinite(torch.tensor(result.losses)).all()
 
 
+def test_fp16_scales_the_loss_and_skips_an_overflowing_step(tiny_sd_path, sample_dir, tmp_path, monkeypatch):
+    # fp16 autocast on the CPU, as on a T4; the loss of step 2 made so large that its scaled gradient overflows.
+    from transformers import CLIPTextModel
+
+    monkeypatch.setattr(ti, "compute_dtype_for", lambda setting, device: torch.float16)
+    real, calls = ti.diffusion_loss, []
+
+    def overflow_at_step_2(unet, scheduler, latents, *args, **kwargs):
+        calls.append(latents.dtype)
+        loss = real(unet, scheduler, latents, *args, **kwargs)
+        return loss * 1e38 if len(calls) == 2 else loss
+    monkeypatch.setattr(ti, "diffusion_loss", overflow_at_step_2)
+    cfg = ti.TIConfig(model=tiny_sd_path, dataset=str(sample_dir), output_dir=str(tmp_path), token="<s>",
+                      init_word="shape", steps=3, batch_size=1, lr=5e-3, resolution=64)
+    result = ti.train_embedding(cfg)
+    assert result.overflow_steps == 1 and result.loss_scale == 2.0**15
+    assert calls == [torch.float32] * 3  # noise, add_noise and the velocity are computed in fp32
+    learned = load_file(result.embedding_file)["emb_params"]
+    assert torch.isfinite(learned).all()
+    table = result.text_encoder.get_input_embeddings().weight
+    assert table.dtype == torch.float32 and torch.isfinite(table).all()
+    base = CLIPTextModel.from_pretrained(tiny_sd_path, subfolder="text_encoder").get_input_embeddings().weight
+    assert torch.equal(table[:len(base)], base)  # exact fp32 rows: never loaded through fp16
+    init = base[result.tokenizer.convert_tokens_to_ids("shape</w>")]
+    assert not torch.equal(learned[0], init)  # steps 1 and 3 were taken
+
+
 def test_unknown_token_and_init_word_errors(tiny_sd_path, sample_dir, tmp_path):
     from transformers import CLIPTextModel, CLIPTokenizer
     tok = CLIPTokenizer.from_pretrained(tiny_sd_path, subfolder="tokenizer")
