@@ -567,6 +567,7 @@ def save_checkpoint(folder: Path, step: int, unet, training_state: dict, ema: Cp
     target = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-{target.name}"
     shutil.rmtree(tmp, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
     existing = [d for d in checkpoint_dirs(folder) if d != target]
     needed = (folder_bytes(existing[-1]) if existing else
               tensor_bytes([p for p in unet.parameters() if p.requires_grad]) + tensor_bytes(training_state)
