@@ -173,8 +173,8 @@ def plan_checkpoints(cfg, rt: Runtime, on_colab_disk: bool = True) -> None:
         size = checkpoint_bytes(n, cfg.optimizer)
         print(f"  {name}: {n:,} UNet parameters -> {size / 1e9:.2f} GB per checkpoint, {int(FREE_DRIVE_BYTES // size)} "
               f"fit an empty free Drive (15 GB); a comparison snapshot (fp16 UNet) {2 * n / 1e9:.2f} GB")
-    print(f"  keep_checkpoints={cfg.keep_checkpoints} needs room for {cfg.keep_checkpoints + 1} while the next is written; "
-          "on Drive, deleted checkpoints sit in the bin and still count for 30 days.")
+    print("  Each kept checkpoint plus the one being written must fit; on Drive, deleted checkpoints sit in "
+          "the bin and still count for 30 days.")
     on_drive = rt.local is not None and rt.local != rt.outputs
     if on_drive and on_colab_disk:
         cfg.local_checkpoints = str(rt.local / "checkpoints")
@@ -187,7 +187,8 @@ def plan_checkpoints(cfg, rt: Runtime, on_colab_disk: bool = True) -> None:
               "copy will not fit (training then says so and goes on on this disk).")
     else:
         print(f"Resumable checkpoints: {Path(cfg.local_checkpoints or Path(cfg.output_dir) / 'checkpoints')}, "
-              f"keep_checkpoints={cfg.keep_checkpoints}, every {cfg.checkpoint_every} steps.")
+              f"every {cfg.checkpoint_every} steps, keep_checkpoints={cfg.keep_checkpoints}: room for "
+              f"{cfg.keep_checkpoints + 1} is needed while the next one is written.")
 
 
 def announce_training(cfg, smoke: bool) -> None:

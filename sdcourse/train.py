@@ -15,7 +15,8 @@ checkpointing; 8-bit AdamW; and the optimizer step applied inside the backward p
 at a time, so a full set of gradients never exists (``FusedAdamW``).
 
 What makes it never lose a run: checkpoints written to a temporary folder and renamed, the last K
-kept; resuming restores weights, optimizer, loss scale, schedule position, RNG and data position,
+kept, the free space checked before each (a full disk stops the run with a message, never with half
+a checkpoint left behind); resuming restores weights, optimizer, loss scale, schedule position, RNG and data position,
 so a resumed run ends with the same weights as an uninterrupted one; a NaN loss stops the run with
 the last good checkpoint intact; unreadable images are reported and skipped.
 """
@@ -521,9 +522,13 @@ def checkpoint_bytes(n_params: int, optimizer: str) -> int:
     return n_params * (4 + (2 if optimizer == "adamw8bit" else 8))
 
 
+def size_text(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 def space_message(what: str, folder: Path, needed: int, free: int, last_good: Path | None) -> str:
     on_drive = "/content/drive" in str(Path(folder).resolve())
-    return (f"Not enough space for {what} in {folder}: it needs about {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB "
+    return (f"Not enough space for {what} in {folder}: it needs about {size_text(needed)}, {size_text(free)} "
             f"is free. Nothing was left half-written; the last good checkpoint is {last_good or 'none yet'}. "
             "What to do: free space there"
             + (" (files deleted on Google Drive, also through Colab, go to Drive's bin and still count for "
