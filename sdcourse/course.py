@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,22 +19,49 @@ from pathlib import Path
 from .runtime import REPO_ROOT
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
+# The talk's one-notebook path, beside the ordered course: it runs in an outputs folder of its own.
+QUICK_START = NOTEBOOKS / "quick_start.ipynb"
 
 
 def notebook_paths() -> list[Path]:
-    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    """The quick start (the README lists it first), then the ordered course, 00..06."""
+    return [QUICK_START] + sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
 
-def execute_notebook(path: Path, outputs: Path, smoke: bool = True, timeout: int = 1800, save_dir: Path | None = None):
-    """Execute one notebook with ``notebooks/`` as working directory; raise on the first failing cell."""
+def outputs_for(path: Path, outputs: Path) -> Path:
+    """The outputs folder a notebook runs with: the course's, or a folder of its own for the quick start."""
+    return outputs / "quick_start" if path == QUICK_START else outputs
+
+
+def set_params(book, params: dict) -> None:
+    """Set a notebook's top-level settings (``MODEL = "sd15"  # @param ...`` lines), as a learner would."""
+    for name, value in params.items():
+        pattern = re.compile(rf"^{re.escape(name)} = .*?(\s+# @param.*)?$", re.MULTILINE)
+        for cell in book.cells:
+            if cell.cell_type == "code" and pattern.search(cell.source):
+                cell.source = pattern.sub(lambda m: f"{name} = {value!r}{m.group(1) or ''}", cell.source, count=1)
+                break
+        else:
+            raise KeyError(f"{name} is not a setting of this notebook")
+
+
+def execute_notebook(path: Path, outputs: Path, smoke: bool = True, timeout: int = 1800, save_dir: Path | None = None,
+                     params: dict | None = None, workdir: Path | None = None):
+    """Execute one notebook; raise on the first failing cell. ``workdir``: a fresh working folder that
+    is also the runtime's own disk (``rt.local``), as a new Colab runtime would have; only ``outputs``
+    is shared with other notebooks. Without it, ``notebooks/`` is the working folder."""
     import nbformat
     from nbclient import NotebookClient
 
     book = nbformat.read(path, as_version=4)
+    set_params(book, params or {})
     env = dict(os.environ, SDCOURSE_SMOKE="1" if smoke else "0", SDCOURSE_OUTPUTS=str(outputs),
                MPLBACKEND="module://matplotlib_inline.backend_inline")
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        env["SDCOURSE_LOCAL"] = str(workdir)
     client = NotebookClient(book, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}})
+                            resources={"metadata": {"path": str(workdir or path.parent)}})
     try:
         client.execute(env=env)
     finally:
@@ -56,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         start = time.perf_counter()
         print(f"Running {path.name} ({'smoke mode' if smoke else 'real models'}) ...", flush=True)
-        execute_notebook(path, args.outputs, smoke=smoke, save_dir=args.outputs / "executed")
+        execute_notebook(path, outputs_for(path, args.outputs), smoke=smoke, save_dir=args.outputs / "executed")
         print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
     print(f"\nExecuted notebooks, with their pictures: {args.outputs / 'executed'}")
     for label, pattern in (("Comparison grids", "compare/**/*.png"), ("Denoising steps", "**/*denois*.*")):

@@ -60,3 +60,33 @@ def build_dataset(instance_dir: str | Path, instance_prompt: str, prior_dir: str
     rows = [row for half in halves for row in half * max(1, round(larger / len(half)))]
     pd.DataFrame(rows).to_csv(out / "metadata.csv", index=False, encoding="utf-8")
     return out
+
+
+def choose_subject(instance_dir: str | Path, class_word: str, use_sample: bool, out_dir: str | Path) -> tuple[Path, str]:
+    """The subject's photos and its class word: the learner's folder, or, when asked for (smoke mode,
+    or ``use_sample``), the sample data's red circle on three backgrounds, class "circle"."""
+    from .handover import MissingInput
+    from .sample_data import sample_dataset_dir
+
+    if instance_dir:
+        folder = Path(instance_dir)
+        photos = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES] if folder.is_dir() else []
+        if len(photos) < 3:
+            raise MissingInput(f"INSTANCE_DIR={str(folder)!r} holds {len(photos)} photos; DreamBooth needs 3-20 "
+                               "of one subject.")
+        if not class_word.strip():
+            raise MissingInput("Set CLASS_WORD to what the subject is (dog, cat, mug, person, ...): prior "
+                               "preservation generates pictures of that class.")
+        return folder, class_word.strip()
+    if not use_sample:
+        raise MissingInput(
+            "DreamBooth needs photos of one subject: put 3-20 photos of it in a folder (on Colab, on Drive), set "
+            "INSTANCE_DIR to it and CLASS_WORD to its class (dog, mug, ...), then run this cell again; or tick "
+            "USE_SAMPLE_SUBJECT to try it on the sample data's red circle. The Textual Inversion section below "
+            "does not need this one.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted((sample_dataset_dir() / "images").glob("red_circle_*")):
+        shutil.copy2(path, out / path.name)
+    print(f"Subject: the sample data's red circle ({out}), class 'circle'")
+    return out, "circle"

@@ -39,6 +39,7 @@ class Runtime:
     gpu_name: str | None
     gpu_free_gib: float | None
     outputs: Path
+    local: Path | None = None  # this runtime's own disk: fast, gone when the runtime ends (Colab's /content)
 
     def path(self, *parts: str) -> Path:
         """A path under the outputs folder (created), e.g. ``rt.path("dataset")``."""
@@ -78,16 +79,27 @@ def default_outputs(use_drive: bool) -> Path:
     return Path.cwd() / "outputs"
 
 
+def default_local(outputs: Path) -> Path:
+    """$SDCOURSE_LOCAL, else Colab's own disk (/content/sdcourse) when outputs are on Drive, else the outputs folder."""
+    if "SDCOURSE_LOCAL" in os.environ:
+        return Path(os.environ["SDCOURSE_LOCAL"])
+    if in_colab() and outputs.is_relative_to(DRIVE_ROOT):
+        return Path("/content/sdcourse")
+    return outputs
+
+
 def setup(smoke: bool | None = None, use_drive: bool = False, outputs: str | Path | None = None) -> Runtime:
-    """Detect the GPU, choose the dtype, mount Drive if asked (Colab only), create the outputs folder."""
+    """Detect the GPU, choose the dtype, mount Drive if asked (Colab only), create the outputs folder.
+
+    On Colab every notebook runs in a new runtime, so ``use_drive`` (the notebooks' default) is what
+    carries one notebook's outputs to the next."""
     smoke = smoke_from_env() if smoke is None else smoke
     # Recent diffusers renamed from_pretrained's torch_dtype to dtype; the course passes torch_dtype,
     # which every version from Colab's to the newest accepts, so the rename notice is only noise.
     warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
     if use_drive:
         if not in_colab():
-            print("USE_DRIVE is only for Colab; keeping outputs on this machine.")
-            use_drive = False
+            use_drive = False  # not Colab: this machine's disk outlives the notebook, nothing to mount
         else:
             from google.colab import drive  # only exists in Colab
             drive.mount(str(DRIVE_ROOT))
@@ -104,6 +116,11 @@ def setup(smoke: bool | None = None, use_drive: bool = False, outputs: str | Pat
     rt = Runtime(smoke=smoke, device=device, dtype=pick_dtype(device), gpu_name=gpu_name,
                  gpu_free_gib=gpu_free, outputs=Path(outputs) if outputs else default_outputs(use_drive))
     rt.outputs.mkdir(parents=True, exist_ok=True)
+    rt.local = default_local(rt.outputs)
+    rt.local.mkdir(parents=True, exist_ok=True)
+    if in_colab() and not rt.outputs.is_relative_to(DRIVE_ROOT):
+        print(f"Outputs stay on this runtime's disk ({rt.outputs}) and are lost when it ends: the next notebook "
+              "will not find them. Tick USE_DRIVE to keep them on Google Drive.")
     print(f"Compute dtype: {str(rt.dtype).removeprefix('torch.')}; smoke mode: {'on' if smoke else 'off'}; "
           f"outputs: {rt.outputs}")
     return rt
@@ -129,19 +146,6 @@ def read_secret(name: str) -> str:
         return ""
 
 
-def find_dataset(rt: Runtime) -> Path:
-    """Notebook 01/02's dataset (``outputs/dataset``) when it exists, else the bundled sample, saying so."""
-    from .sample_data import sample_dataset_dir
-
-    built = rt.outputs / "dataset"
-    if (built / "metadata.csv").exists():
-        print(f"Using the dataset built in notebooks 01-02: {built}")
-        return built
-    sample = sample_dataset_dir()
-    print(f"No dataset at {built} yet (run notebooks 01 and 02 to build your own); using the bundled sample: {sample}")
-    return sample
-
-
 @contextmanager
 def atomic_dir(target: str | Path):
     """Build a folder under a temporary name next to ``target``, then swap it in: an interruption
@@ -157,6 +161,19 @@ def atomic_dir(target: str | Path):
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
+
+
+# Rough T4 costs of the real models (SD 1.5, 512 px), for announcing a cell's cost; estimates, not measurements:
+T4_SECONDS_PER_IMAGE_SAMPLED = 5.0    # 30 steps in fp16, from diffusers' published T4 benchmark
+T4_SECONDS_PER_TRAINING_IMAGE = 0.5   # notebook 03's estimate: the UNet's FLOP count at an assumed 6 TFLOP/s
+
+
+def announce_cost(what: str, seconds_on_t4: float, smoke: bool = False) -> None:
+    """Say what a long cell will cost before it starts (``seconds_on_t4``: an estimate, said so)."""
+    minutes = seconds_on_t4 / 60
+    took = f"about {minutes:.0f} min" if minutes >= 1.5 else f"about {seconds_on_t4:.0f} s"
+    print(f"{what}: {took} on a free T4 (an estimate, not a measurement)"
+          + ("; in smoke mode seconds on a CPU" if smoke else "") + ".")
 
 
 def free_memory() -> None:

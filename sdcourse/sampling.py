@@ -119,11 +119,12 @@ def load_unet(folder: str | Path, dtype=None, device=None):
 
 
 def finetuned_unets(outputs: str | Path) -> dict[str, Path]:
-    """Notebook 03's results under ``outputs/finetune``: each checkpoint by step, then the final model."""
+    """Notebook 03's results under ``outputs/finetune``: each comparison snapshot by step (``snapshots/``,
+    small fp16 UNets kept for this; the resumable checkpoints are not), then the final model."""
     finetune = Path(outputs) / "finetune"
-    checkpoints = {int(m.group(1)): d for d in (finetune / "checkpoints").glob("step-*")
-                   if (m := re.fullmatch(r"step-(\d+)", d.name)) and (d / "unet").is_dir()}
-    found = {f"step {step}": checkpoints[step] for step in sorted(checkpoints)}
+    snapshots = {int(m.group(1)): d for d in (finetune / "snapshots").glob("step-*")
+                 if (m := re.fullmatch(r"step-(\d+)", d.name)) and (d / "unet").is_dir()}
+    found = {f"step {step}": snapshots[step] for step in sorted(snapshots)}
     if (finetune / "final" / "unet").is_dir():
         found["fine-tuned"] = finetune / "final"
     return found

@@ -15,7 +15,8 @@ checkpointing; 8-bit AdamW; and the optimizer step applied inside the backward p
 at a time, so a full set of gradients never exists (``FusedAdamW``).
 
 What makes it never lose a run: checkpoints written to a temporary folder and renamed, the last K
-kept; resuming restores weights, optimizer, loss scale, schedule position, RNG and data position,
+kept, the free space checked before each (a full disk stops the run with a message, never with half
+a checkpoint left behind); resuming restores weights, optimizer, loss scale, schedule position, RNG and data position,
 so a resumed run ends with the same weights as an uninterrupted one; a NaN loss stops the run with
 the last good checkpoint intact; unreadable images are reported and skipped.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import importlib.util as importlib_util
 import json
 import math
@@ -81,6 +83,13 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     resume: bool = True                  # continue from the newest checkpoint in output_dir if there is one
+    # Resumable checkpoints on a fast disk that does not last (Colab's /content) instead of output_dir;
+    # output_dir/checkpoints (on Drive) then holds only a copy of the newest, made every copy_every steps.
+    local_checkpoints: str | None = None
+    copy_every: int = 2000
+    # Fractions of the run at which a small fp16 copy of the UNet goes to output_dir/snapshots, apart
+    # from the resumable checkpoints, for notebook 04's "over training" comparison (full fine-tunes).
+    snapshots: list[float] = field(default_factory=lambda: [0.1, 0.5])
     validate_every: int = 500            # sample the validation prompts every N steps (0: never)
     validation_prompts: list[str] = field(default_factory=lambda: ["a girl in a maid outfit holding a teapot"])
     validation_seeds: list[int] = field(default_factory=lambda: [0, 1])
@@ -115,7 +124,10 @@ class TrainConfig:
             raise ValueError(f"width and height must be multiples of 8 (the VAE downsamples 8x); got {self.width}x{self.height}")
         if self.lora_rank < 0:
             raise ValueError(f"TrainConfig.lora_rank must be 0 (full fine-tune) or a rank such as 8, got {self.lora_rank}")
-        for name in ("batch_size", "grad_accum", "epochs", "checkpoint_every", "keep_checkpoints", "ema_every"):
+        if any(not 0 < f < 1 for f in self.snapshots):
+            raise ValueError(f"TrainConfig.snapshots are fractions of the run between 0 and 1, got {self.snapshots}")
+        for name in ("batch_size", "grad_accum", "epochs", "checkpoint_every", "keep_checkpoints", "ema_every",
+                     "copy_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
 
@@ -548,21 +560,103 @@ def checkpoint_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).glob("step-*") if p.is_dir())
 
 
+class NotEnoughSpace(RuntimeError):
+    """A checkpoint does not fit where it goes; nothing half-written is left, the message says what to do."""
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a (nested) state dict: what saving it writes, near enough."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def checkpoint_bytes(n_params: int, optimizer: str) -> int:
+    """What a resumable checkpoint of a full fine-tune weighs, computed: fp32 weights (4 bytes per
+    parameter) and AdamW's two moments (8-bit: 2 bytes, plus per-block scales under 1 %; else
+    fp32: 8 bytes)."""
+    return n_params * (4 + (2 if optimizer == "adamw8bit" else 8))
+
+
+def size_text(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def space_message(what: str, folder: Path, needed: int, free: int, last_good: Path | None) -> str:
+    on_drive = "/content/drive" in str(Path(folder).resolve())
+    return (f"Not enough space for {what} in {folder}: it needs about {size_text(needed)}, {size_text(free)} "
+            f"is free. Nothing was left half-written; the last good checkpoint is {last_good or 'none yet'}. "
+            "What to do: free space there"
+            + (" (files deleted on Google Drive, also through Colab, go to Drive's bin and still count for "
+               "30 days: empty it, drive.google.com > Bin > Empty bin)" if on_drive else "")
+            + "; keep fewer checkpoints (keep_checkpoints=1); or keep resumable checkpoints on the Colab disk "
+            "and only a copy of the newest on Drive (local_checkpoints='/content/checkpoints', copy_every=2000). "
+            "Then run the training again: it resumes from the last good checkpoint.")
+
+
+def make_room(folder: Path, needed: int, keep: int | None, what: str) -> None:
+    """Check that ``needed`` bytes fit in ``folder``; if not, delete the checkpoints this save would
+    delete anyway (``keep``: keep_checkpoints; None deletes nothing), oldest first, never the newest;
+    else raise ``NotEnoughSpace``."""
+    free = shutil.disk_usage(folder).free
+    existing = checkpoint_dirs(folder)
+    for old in existing[:len(existing) - max(keep - 1, 1)] if keep else []:
+        if free >= needed:
+            return
+        print(f"Deleting {old.name} before writing {what}: there is not room for both, and "
+              f"keep_checkpoints={keep} would delete it afterwards anyway.")
+        shutil.rmtree(old)
+        free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise NotEnoughSpace(space_message(what, folder, needed, free, existing[-1] if existing else None))
+
+
+def disk_full(error: BaseException) -> bool:
+    """A write failed for lack of space (safetensors and torch.save report it as text, not errno)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error).lower()
+    return "no space left" in text or "quota exceeded" in text or "file write failed" in text
+
+
 def save_checkpoint(folder: Path, step: int, unet, training_state: dict, ema: CpuEMA | None, keep: int) -> Path:
     """``folder/step-000500/`` with ``unet/`` (diffusers layout) or, for LoRA, its LoRA weights,
-    ``training_state.pt`` and the EMA weights."""
+    ``training_state.pt`` and the EMA weights. The free space is checked first, against the size of
+    the last checkpoint (or, for the first, what its tensors weigh)."""
     from safetensors.torch import save_file
 
     target = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-{target.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    if lora.has_lora(unet):
-        lora.save_lora(unet, tmp)
-    else:
-        unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    torch.save(training_state, tmp / "training_state.pt")
-    if ema is not None:
-        save_file(ema.weights, tmp / "ema_unet.safetensors")
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = [d for d in checkpoint_dirs(folder) if d != target]
+    needed = (folder_bytes(existing[-1]) if existing else
+              tensor_bytes([p for p in unet.parameters() if p.requires_grad]) + tensor_bytes(training_state)
+              + (tensor_bytes(ema.weights) if ema is not None else 0))
+    make_room(folder, int(needed * 1.02) + 2**20, keep, f"checkpoint {target.name}")
+    try:
+        if lora.has_lora(unet):
+            lora.save_lora(unet, tmp)
+        else:
+            unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        torch.save(training_state, tmp / "training_state.pt")
+        if ema is not None:
+            save_file(ema.weights, tmp / "ema_unet.safetensors")
+    except BaseException as e:  # an interruption or a full disk: give the space back at once
+        free = shutil.disk_usage(folder).free
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and disk_full(e):
+            raise NotEnoughSpace(space_message(f"checkpoint {target.name}", folder, int(needed), free,
+                                               existing[-1] if existing else None)) from e
+        raise
     if target.exists():  # the same step saved again by a resumed run
         shutil.rmtree(target)
     tmp.rename(target)
@@ -575,6 +669,54 @@ def remove_unfinished_checkpoints(folder: Path) -> None:
     for tmp in Path(folder).glob(".tmp-step-*"):
         print(f"Removing {tmp.name}: a checkpoint that was interrupted while being written.")
         shutil.rmtree(tmp)
+
+
+def newest_checkpoint(*folders: Path | None) -> Path | None:
+    """The checkpoint with the highest step in any of ``folders`` (the local disk, the copy on Drive)."""
+    found = [d for f in folders if f is not None for d in checkpoint_dirs(f)]
+    return max(found, key=lambda d: d.name, default=None)
+
+
+def copy_newest(checkpoint: Path, to: Path) -> Path | None:
+    """Copy a checkpoint to ``to`` (on Drive) and then delete the older copies there. When it does not
+    fit, say so and carry on: training goes on with the checkpoints on the local disk."""
+    target = to / checkpoint.name
+    needed = folder_bytes(checkpoint)
+    to.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(to).free
+    if free < needed * 1.02:
+        print("WARNING, the copy on Drive was NOT updated. "
+              + space_message(f"a copy of {checkpoint.name}", to, needed, free, newest_checkpoint(to)))
+        return None
+    tmp = to / f".tmp-{checkpoint.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(checkpoint, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    for old in checkpoint_dirs(to)[:-1]:
+        shutil.rmtree(old)
+    print(f"Copied {checkpoint.name} to {to}")
+    return target
+
+
+def save_snapshot(folder: Path, step: int, unet) -> Path:
+    """``folder/step-000025/unet``: the UNet in fp16 (half a checkpoint's weights, no optimizer
+    state), kept for comparing the model over training; written aside, then renamed."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu", torch.float16) for k, v in unet.state_dict().items()}
+    target = Path(folder) / f"step-{step:06d}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    make_room(target.parent, tensor_bytes(state) + 2**20, None, f"snapshot {target.name}")
+    with atomic_dir(target) as tmp:
+        unet.save_config(tmp / "unet")
+        save_file(state, tmp / "unet" / "diffusion_pytorch_model.safetensors")
+    return target
 
 
 # ----------------------------------------------------------------------------------------------
@@ -721,12 +863,17 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False)
     out = Path(cfg.output_dir)
     checkpoints, samples = out / "checkpoints", out / "samples"
+    copies = None
+    if cfg.local_checkpoints:  # resumable checkpoints on the local disk, a copy of the newest in output_dir
+        checkpoints, copies = Path(cfg.local_checkpoints), checkpoints
     if main:
         checkpoints.mkdir(parents=True, exist_ok=True)
         samples.mkdir(parents=True, exist_ok=True)
-        remove_unfinished_checkpoints(checkpoints)
+        for folder in (checkpoints, copies):
+            if folder is not None and folder.is_dir():
+                remove_unfinished_checkpoints(folder)
         cfg.save(out / "config.json")
-    resume_from = checkpoint_dirs(checkpoints)[-1] if cfg.resume and checkpoint_dirs(checkpoints) else None
+    resume_from = newest_checkpoint(checkpoints, copies) if cfg.resume else None
 
     # Models. The UNet starts from the newest checkpoint when resuming, else from the base model.
     model_id = models.resolve(cfg.model, smoke=False)
@@ -839,10 +986,14 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
 
     def save(step: int) -> None:
         if main:
-            save_checkpoint(checkpoints, step, accelerator.unwrap_model(unet),
-                            {"step": step, "optimizer": optimizer.state_dict(),
-                             "last_ema": ema.step if ema is not None else None}, ema, cfg.keep_checkpoints)
+            saved = save_checkpoint(checkpoints, step, accelerator.unwrap_model(unet),
+                                    {"step": step, "optimizer": optimizer.state_dict(),
+                                     "last_ema": ema.step if ema is not None else None}, ema, cfg.keep_checkpoints)
+            if copies is not None and (step % cfg.copy_every == 0 or step == total_steps):
+                copy_newest(saved, copies)
         accelerator.wait_for_everyone()
+
+    snapshot_steps = set() if cfg.lora_rank else {max(1, round(f * total_steps)) for f in cfg.snapshots} - {total_steps}
 
     curve = LossCurve(live=main)
     if step == 0:
@@ -895,6 +1046,8 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
                 curve.draw()
                 if on_step is not None:
                     on_step(step, curve.losses[-1] if curve.losses else None)
+                if main and step in snapshot_steps:
+                    save_snapshot(out / "snapshots", step, accelerator.unwrap_model(unet))
                 if step % cfg.checkpoint_every == 0 and step < total_steps:
                     save(step)
                 if cfg.validate_every and step % cfg.validate_every == 0 and step < total_steps:

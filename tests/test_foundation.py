@@ -127,9 +127,7 @@ def test_runtime_setup_on_cpu(tmp_path, capsys):
     assert rt.device.type == "cpu" and rt.dtype == torch.float32 and rt.outputs.is_dir()
     assert rt.path("dataset") == tmp_path / "out" / "dataset" and (tmp_path / "out" / "dataset").is_dir()
     assert "smoke mode: on" in capsys.readouterr().out
-    assert runtime.find_dataset(rt) == REPO / "data" / "sample"
-    write_sample_dataset(rt.outputs / "dataset")
-    assert runtime.find_dataset(rt) == rt.outputs / "dataset"
+    assert rt.local == rt.outputs  # not Colab: the outputs folder is this machine's own disk
 
 
 def test_stale_packages_compares_loaded_and_installed_versions(monkeypatch):

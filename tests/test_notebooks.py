@@ -1,12 +1,18 @@
 """Every notebook of the course runs top to bottom in smoke mode (tiny models, sample data, CPU).
 
-They run in order and share one outputs folder, as a learner's would: 03 trains on what 02 wrote,
-04 compares with what 03 saved.
+They run in order as a learner's would on Colab: each notebook in a fresh working folder (a new
+runtime with its own disk), handing over only through one shared outputs root (Google Drive): 03
+trains on what 02 wrote, 04 compares with what 03 saved. The quick start runs in an outputs folder
+of its own.
 """
 
+import nbformat
 import pytest
+from nbclient.exceptions import CellExecutionError
 
-from sdcourse.course import execute_notebook, notebook_paths
+from sdcourse.course import execute_notebook, notebook_paths, outputs_for
+
+NOTEBOOKS = {p.name[:2]: p for p in notebook_paths()}
 
 
 @pytest.fixture(scope="module")
@@ -14,16 +20,38 @@ def course_outputs(tmp_path_factory):
     return tmp_path_factory.mktemp("course_outputs")
 
 
-@pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.stem)
-def test_notebook_runs_in_smoke_mode(path, course_outputs):
-    book = execute_notebook(path, course_outputs, smoke=True, save_dir=course_outputs / "executed")
+def check_ran(book):
     errors = [o for c in book.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     assert all(c.execution_count for c in book.cells if c.cell_type == "code" and c.source.strip())
 
 
+@pytest.mark.parametrize("path", notebook_paths(), ids=lambda p: p.stem)
+def test_notebook_runs_in_smoke_mode(path, course_outputs, tmp_path):
+    book = execute_notebook(path, outputs_for(path, course_outputs), smoke=True,
+                            save_dir=course_outputs / "executed", workdir=tmp_path / "runtime")
+    check_ran(book)
+
+
+def test_the_sd2_flavour_goes_through_03_04_05(tmp_path):
+    outputs = tmp_path / "drive"
+    for number in ("03", "04", "05"):
+        params = {"MODEL": "sd2"} if number == "03" else {}
+        book = execute_notebook(NOTEBOOKS[number], outputs, smoke=True, params=params, workdir=tmp_path / number)
+        check_ran(book)
+    text = "".join(o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.outputs)
+    assert "tiny-sd-v" in text and "v_prediction prediction" in text  # 05 merged onto the SD 2 base
+
+
+@pytest.mark.parametrize("number, smoke, needs", [("04", True, "run notebook 03 first"),
+                                                  ("02", False, "run notebook 01 (then 02 for captions) first")])
+def test_a_missing_predecessor_stops_the_notebook_with_the_ways_on(tmp_path, number, smoke, needs):
+    with pytest.raises(CellExecutionError) as stopped:
+        execute_notebook(NOTEBOOKS[number], tmp_path / "empty_drive", smoke=smoke, workdir=tmp_path / "runtime")
+    assert "MissingInput" in str(stopped.value) and needs in str(stopped.value)
+
+
 def test_notebooks_are_stored_without_outputs():
-    import nbformat
     for path in notebook_paths():
         book = nbformat.read(path, as_version=4)
         assert all(not c.outputs for c in book.cells if c.cell_type == "code"), f"{path.name} has outputs"

@@ -69,15 +69,17 @@ def test_freeu_changes_the_image_and_switches_off_again(pipe):
 
 @pytest.fixture(scope="module")
 def finetune_outputs(pipe, tmp_path_factory):
-    """Notebook 03's layout, with UNets that differ from the base: checkpoints and the final pipeline."""
+    """Notebook 03's layout, with UNets that differ from the base: snapshots, a resumable checkpoint
+    (not for comparing) and the final pipeline."""
     outputs = tmp_path_factory.mktemp("outputs")
     unet = type(pipe.unet).from_pretrained(pipe.name_or_path, subfolder="unet")
     for step in (1000, 500):  # written out of order: finetuned_unets sorts by step number
         with torch.no_grad():
             for p in unet.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-        unet.save_pretrained(outputs / "finetune" / "checkpoints" / f"step-{step:06d}" / "unet")
-    (outputs / "finetune" / "checkpoints" / "step-000200").mkdir()  # an interrupted save: no unet/
+        unet.save_pretrained(outputs / "finetune" / "snapshots" / f"step-{step:06d}" / "unet")
+    unet.save_pretrained(outputs / "finetune" / "checkpoints" / "step-001500" / "unet")
+    (outputs / "finetune" / "snapshots" / "step-000200").mkdir()  # an interrupted save: no unet/
     pipe.save_pretrained(outputs / "finetune" / "final")
     return outputs
 
