@@ -95,3 +95,31 @@ def test_two_epochs_draw_different_crops_of_one_cached_image(tiny_models, sample
 def test_crop_margin_outside_zero_to_one_is_refused():
     with pytest.raises(ValueError, match="crop_margin"):
         TrainConfig(crop_margin=1.5).check()
+
+
+def test_config_panel_estimate_follows_the_model_and_settings(tiny_sd_path, tmp_path):
+    from sdcourse import memory, widgets
+
+    cfg = TrainConfig(model="sd15", output_dir=str(tmp_path))
+    panel = widgets.training_config_panel(cfg, config_path=tmp_path / "run.json")
+    boxes = {box.description: box for column in panel.children[0].children for box in column.children}
+    estimate = panel.children[2]
+    assert "for SD 1.5 " in estimate.value
+    before = estimate.value
+    boxes["batch size"].value = 8
+    assert cfg.batch_size == 8 and estimate.value != before
+    assert panel.children[-1].value == "batch_size = 8: used when the Train cell runs next"
+    assert "when the Train cell runs" in panel.children[1].value
+    boxes["optimizer"].value = "adamw"
+    assert cfg.optimizer == "adamw" and "optimizer states" in estimate.value
+    sd15 = memory.estimate_for_config(cfg)
+    cfg.model = "sd2"
+    sd2 = memory.estimate_for_config(cfg)
+    assert sd2.model.startswith("SD 2") and sd2.parts["VAE + text encoder"] == sd15.parts["VAE + text encoder"] == 0
+    assert 1.0 < sd2.parts["UNet weights (fp32 master copy)"] / sd15.parts["UNet weights (fp32 master copy)"] < 1.01
+    cfg.model = tiny_sd_path  # a local folder: its own configs, a tiny fraction of SD 1.5
+    tiny = memory.estimate_for_config(cfg)
+    weights = "UNet weights (fp32 master copy)"
+    assert tiny.model == f"the model in {tiny_sd_path}" and tiny.parts[weights] < 0.01 * sd15.parts[weights]
+    cfg.mixed_precision = "fp32"
+    assert memory.estimate_for_config(cfg).parts["activations"] > tiny.parts["activations"]
