@@ -123,3 +123,18 @@ def test_config_panel_estimate_follows_the_model_and_settings(tiny_sd_path, tmp_
     assert tiny.model == f"the model in {tiny_sd_path}" and tiny.parts[weights] < 0.01 * sd15.parts[weights]
     cfg.mixed_precision = "fp32"
     assert memory.estimate_for_config(cfg).parts["activations"] > tiny.parts["activations"]
+
+
+def test_only_the_harmless_library_lines_are_silenced(caplog):
+    import logging
+
+    from sdcourse import runtime
+
+    runtime.quiet_harmless_warnings()
+    runtime.quiet_harmless_warnings()  # once per notebook: filters are not stacked
+    for name, words in runtime.HARMLESS_LOG_LINES:
+        logger = logging.getLogger(name)
+        assert len(logger.filters) == 1
+        logger.warning(f"prefix {words} suffix")
+        logger.warning("a different warning")
+    assert [r.getMessage() for r in caplog.records] == ["a different warning"] * 2
