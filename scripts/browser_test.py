@@ -38,7 +38,8 @@ widgets.training_config_panel(cfg, config_path=rt.outputs / "finetune" / "config
     """pipe = models.load_pipeline(tiny.sd_path("epsilon"), torch.float32)
 pipe.set_progress_bar_config(disable=True)
 display(widgets.sampler_panel(pipe, "a red circle on a white background", steps=3, height=64, width=64))""",
-    """trace = sampling.trace_denoising(pipe, "a red circle on a white background", 0, steps=6, capture=[1, 2, 4, 6])
+    """sampling.set_scheduler(pipe, "DDIM")
+trace = sampling.trace_denoising(pipe, "a red circle on a white background", 0, steps=6, capture=[1, 2, 4, 6])
 grid, frames = viz.denoising_pictures(pipe, trace)
 display(widgets.step_scrubber(frames, [f"step {s} of 6" for s in trace.steps]))""",
     """print("cfg.batch_size is", cfg.batch_size)""",
@@ -129,7 +130,10 @@ def main() -> int:
         def prompts():
             return js("return Jupyter.notebook.get_cells().map(c => c.input_prompt_number === undefined ? null"
                       " : String(c.input_prompt_number))")
-        wait("Run All", lambda: all(p not in (None, "*", "null") for p in prompts()), 600, 1.0)
+        def finished():  # every cell ran, or one failed (the rest then never runs)
+            return (all(p not in (None, "*", "null") for p in prompts())
+                    or driver.find_elements(By.CSS_SELECTOR, ".output_error"))
+        wait("Run All", finished, 600, 1.0)
         checks["run all seconds"] = round(time.time() - started, 1)
         cells = driver.find_elements(By.CSS_SELECTOR, "#notebook-container .cell")
         errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".output_error")]

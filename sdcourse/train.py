@@ -23,6 +23,7 @@ the last good checkpoint intact; unreadable images are reported and skipped.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -409,6 +410,13 @@ class ValidationSet:
     noise: list[torch.Tensor]       # [VAL_TIMESTEPS, 4, h, w] each
     timesteps: torch.Tensor         # [VAL_TIMESTEPS]
     held_out: bool                  # False: a fixed part of the training images (a dataset too small to spare any)
+
+
+def validation_candidates(dataset: CaptionedImages) -> list[int]:
+    """Rows that may serve the validation loss: readable so far, and not a file listed on several rows
+    (those are weighted on purpose, like DreamBooth's subject photos, and never held out)."""
+    rows = collections.Counter(dataset.files)
+    return [i for i, s in enumerate(dataset.sizes) if s is not None and rows[dataset.files[i]] == 1]
 
 
 def validation_indices(candidates: list[int], count: int, seed: int) -> tuple[list[int], bool]:
@@ -834,8 +842,7 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
         report(i, error)
     vset = None  # the validation loss's images, encoded while the VAE and text encoder are on the GPU
     if cfg.val_loss_every and cfg.val_loss_images:
-        picked, held_out = validation_indices([i for i, s in enumerate(dataset.sizes) if s is not None],
-                                              cfg.val_loss_images, cfg.seed)
+        picked, held_out = validation_indices(validation_candidates(dataset), cfg.val_loss_images, cfg.seed)
         vset = build_validation_set(dataset, m, picked, held_out, cfg.seed, report)
     cache = None
     if cfg.cache_latents:

@@ -43,6 +43,17 @@ def test_validation_images_are_held_out_only_from_a_large_enough_dataset():
     assert train.validation_indices(list(range(19)), 4, seed=0)[1] is False
 
 
+def test_a_file_on_several_rows_is_never_a_validation_image(tmp_path, sample_dir):
+    import shutil
+
+    shutil.copytree(sample_dir, tmp_path / "data")
+    csv = tmp_path / "data" / "metadata.csv"
+    lines = csv.read_text().splitlines()
+    csv.write_text("\n".join(lines + lines[1:3]) + "\n")  # the first two images twice, as DreamBooth repeats its photos
+    data = train.CaptionedImages(tmp_path / "data", 64, 64)
+    assert train.validation_candidates(data) == list(range(2, 36))
+
+
 def test_validation_loss_falls_during_a_smoke_run_and_the_held_out_images_are_not_trained_on(
         tmp_path, tiny_sd_path, sample_dir, monkeypatch):
     seen = set()
