@@ -142,20 +142,22 @@ def main() -> int:
         driver.save_screenshot(str(args.out / "after_run_all.png"))
 
         # 1. The training panel: renders, no label cut, a value changes the estimate and reaches cfg.
-        panel = wait("the training panel", lambda: cells[1].find_elements(By.CSS_SELECTOR, ".widget-area .widget-vbox"), 60)[0]
+        panel = wait("the training panel", lambda: cells[1].find_elements(By.CSS_SELECTOR, ".output_area .widget-vbox"), 60)[0]
         labels = js(CUT_LABELS, panel)
         cut = [text for text, scroll, client in labels if scroll > client]
         checks["training panel labels"] = len(labels)
         checks["training panel labels cut"] = cut
-        estimate = panel.find_element(By.CSS_SELECTOR, ".widget-html pre")
+        # The HTML widget's box, not its <pre>: a new value replaces what is inside.
+        estimate = panel.find_element(By.XPATH, ".//div[contains(@class,'widget-html')][.//pre]")
         before = estimate.text
         box = panel.find_element(By.XPATH, ".//div[contains(@class,'widget-inline-hbox')]"
                                            "[.//label[normalize-space()='batch size']]//input")
         box.send_keys(Keys.CONTROL, "a")
         box.send_keys("8", Keys.TAB)
         wait("the estimate to change", lambda: estimate.text != before, 30)
-        checks["estimate before"] = before.splitlines()[-1].strip()
-        checks["estimate after batch 8"] = estimate.text.splitlines()[-1].strip()
+        total = [line.strip() for line in estimate.text.splitlines() if line.strip().startswith("total")]
+        checks["estimate before"] = [line.strip() for line in before.splitlines() if line.strip().startswith("total")]
+        checks["estimate after batch 8"] = total
         cells[1].screenshot(str(args.out / "training_panel.png"))
         js("Jupyter.notebook.execute_cells([4])")
         output = wait("cfg's value", lambda: "".join(e.text for e in cells[4].find_elements(
@@ -204,7 +206,7 @@ def main() -> int:
             failures.append(f"sampler caption {caption!r}")
         checks["failures"] = failures
     except Exception as error:
-        checks["failures"] = [f"{type(error).__name__}: {error}"]
+        checks["failures"] = [f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"]
         if driver is not None:
             driver.save_screenshot(str(args.out / "failure.png"))
     finally:
