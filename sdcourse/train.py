@@ -293,10 +293,11 @@ class LatentCache:
 
     For random crops the latents are of centre crops ``crop_margin`` larger than the training size
     (``cache_view``); each epoch draws a new crop of them in latent space, in 8 px steps
-    (``cached_latents``). With flips on, the latents of the flipped images are cached too: a
-    flipped latent does not decode to the flipped image (``benchmarks/bench_cache.py`` measures it).
-    15,000 images at 512 px take about 0.5 GB of latents at the exact size (0.63 GB with the
-    default margin, twice that with flips) plus 118 KB per caption.
+    (``cached_latents``). With flips on, the latents of the mirrored images are cached too, which is
+    exact on any VAE; mirroring a latent is exact only as far as the VAE is symmetric, and on the
+    tiny VAE it is no better than not mirroring (``benchmarks/bench_cache.py`` measures it).
+    15,000 images at 512 px take 0.49 GB of latents at the exact size (0.62 GB with the default
+    margin, twice that with flips) plus 118 KB per caption.
     """
     latents: dict[int, torch.Tensor]
     embeddings: dict[str, torch.Tensor]
