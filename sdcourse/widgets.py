@@ -79,7 +79,7 @@ def training_config_panel(cfg, config_path="train_config.json"):
     from .train import TrainConfig
 
     # Wide enough for the longest label in JupyterLab's and Jupyter classic's fonts (the browser test checks).
-    wide = {"style": {"description_width": "190px"}, "layout": w.Layout(width="380px")}
+    wide = {"style": {"description_width": "200px"}, "layout": w.Layout(width="390px")}
     boxes = {
         "epochs": w.BoundedIntText(min=1, max=1000, description="epochs", **wide),
         "max_steps": w.BoundedIntText(min=0, max=10**7, description="max steps (0: epochs)", **wide),
@@ -104,7 +104,7 @@ def training_config_panel(cfg, config_path="train_config.json"):
         "optimizer": w.Dropdown(options=["adamw8bit", "adamw"], description="optimizer", **wide),
         "mixed_precision": w.Dropdown(options=["auto", "fp16", "bf16", "fp32"], description="mixed precision", **wide),
         "crop_margin": w.BoundedFloatText(min=0, max=1, step=0.025, description="crop margin (cached crops)", **wide),
-        "val_loss_every": w.BoundedIntText(min=0, max=10**7, description="validation loss every (0: never)", **wide),
+        "val_loss_every": w.BoundedIntText(min=0, max=10**7, description="val. loss every (0: never)", **wide),
     }
     optional = {"max_steps", "min_snr_gamma", "ema_decay"}  # None in the config, 0 in the box
     estimate = w.HTML()

@@ -149,3 +149,25 @@ def test_only_the_harmless_library_lines_are_silenced(caplog):
         logger.warning(f"prefix {words} suffix")
         logger.warning("a different warning")
     assert [r.getMessage() for r in caplog.records] == ["a different warning"] * 2
+
+
+def test_config_panel_labels_fit_their_column_in_jupyterlabs_font():
+    # JupyterLab on Linux draws labels in DejaVu Sans at 13 px, where a 150 px column cut
+    # "min-SNR gamma (0: off)" (158 px of text); ipywidgets adds 8 px of padding to a label.
+    from pathlib import Path
+
+    from PIL import ImageFont
+
+    from sdcourse import widgets
+
+    path = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+    if not path.exists():
+        pytest.skip("DejaVu Sans is not installed here")
+    font = ImageFont.truetype(str(path), 13)
+    panel = widgets.training_config_panel(TrainConfig())
+    boxes = [box for column in panel.children[0].children for box in column.children]
+    described = [b for b in boxes if b.style.description_width]
+    assert len(described) > 15
+    too_long = [(b.description, font.getlength(b.description) + 8, b.style.description_width) for b in described
+                if font.getlength(b.description) + 8 > int(b.style.description_width.removesuffix("px"))]
+    assert not too_long
