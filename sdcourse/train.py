@@ -649,9 +649,12 @@ def cache_report(cache: LatentCache, sizes: list, margin: float, seconds: float)
     latents = sum(t.numel() * t.element_size() for t in [*cache.latents.values(), *cache.flipped.values()])
     exact = sum(4 * (sizes[i][0] // 8) * (sizes[i][1] // 8) * 2 for i in cache.latents)  # fp16
     extra = f"{margin:.1%} margin for random crops" + (", flipped images" if cache.flipped else "")
+
+    def size(n: int) -> str:
+        return f"{n / 2**20:.1f} MiB" if n >= 2**20 / 10 else f"{n / 2**10:.1f} KiB"
     return (f"Cached {len(cache.latents)} images and {len(cache.embeddings)} captions in {seconds:.1f} s, "
-            f"{cache.nbytes / 2**20:.1f} MiB. Latents: {latents / 2**20:.1f} MiB, {latents / exact:.2f}x the "
-            f"{exact / 2**20:.1f} MiB of exact-size crops ({extra}); the VAE's time grows with the pixels "
+            f"{size(cache.nbytes)}. Latents: {size(latents)}, {latents / exact:.2f}x the "
+            f"{size(exact)} of exact-size crops ({extra}); the VAE's time grows with the pixels "
             f"encoded, so roughly {1 - exact / latents:.0%} of the caching time is that extra (an estimate).")
 
 
