@@ -21,7 +21,9 @@ per image of batch, close to the count's 0.29).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 GIB = 2**30
 
@@ -39,6 +41,11 @@ SD15_UNET_CONFIG = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
 SD15_FROZEN_PARAMS = 83_653_863 + 123_060_480  # its VAE and CLIP ViT-L/14 text encoder, counted from their configs
+# SD 2.x (2, 2-base, 2.1, 2.1-base): the same UNet blocks, a 1024-wide cross-attention with linear
+# projections and more heads, and OpenCLIP ViT-H/14's text encoder (the same VAE), from their configs.
+SD2_UNET_CONFIG = dict(SD15_UNET_CONFIG, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                       use_linear_projection=True)
+SD2_FROZEN_PARAMS = 83_653_863 + 340_387_840
 
 
 def sd15_unet_shape():
@@ -53,6 +60,7 @@ def sd15_unet_shape():
 @dataclass
 class MemoryEstimate:
     parts: dict[str, float]  # name -> GiB
+    model: str = ""          # what it was estimated for, when known
 
     @property
     def total(self) -> float:
@@ -60,16 +68,57 @@ class MemoryEstimate:
 
     def __str__(self) -> str:
         lines = [f"  {name:<42}{gib:6.2f} GiB" for name, gib in self.parts.items() if gib > 0.005]
-        return "\n".join(["Estimated peak GPU memory (an estimate, see sdcourse/memory.py):", *lines,
+        what = f" for {self.model}" if self.model else ""
+        return "\n".join([f"Estimated peak GPU memory{what} (an estimate, see sdcourse/memory.py):", *lines,
                           f"  {'total':<42}{self.total:6.2f} GiB"])
 
 
-def estimate_for_config(cfg, unet=None, half_precision: bool = True) -> MemoryEstimate:
-    """The estimate for a ``TrainConfig`` on a GPU (SD 1.5's UNet unless ``unet`` is given)."""
+@functools.lru_cache(maxsize=8)
+def model_shapes(model: str, lora_rank: int = 0) -> tuple[object, int, str]:
+    """(UNet on the meta device, VAE + text encoder parameter count, what it is) for a model.
+
+    A local folder is read from its configs; a preset or hub id of SD 1.x or 2.x takes the published
+    architecture; anything else is estimated as SD 1.5, and says so. ``lora_rank`` > 0 adds LoRA layers.
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from . import lora, models
+
+    preset = models.SD_PRESETS.get(model) or next((p for p in models.SD_PRESETS.values() if p.model_id == model), None)
+    with torch.device("meta"):
+        if Path(model, "unet", "config.json").exists():
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet"))
+            frozen = sum(p.numel() for part in (
+                AutoencoderKL.from_config(AutoencoderKL.load_config(model, subfolder="vae")),
+                CLIPTextModel(CLIPTextConfig.from_pretrained(model, subfolder="text_encoder"))) for p in part.parameters())
+            what = f"the model in {model}"
+        elif preset is not None and "stable-diffusion-2" in preset.model_id:
+            unet, frozen, what = UNet2DConditionModel(**SD2_UNET_CONFIG), SD2_FROZEN_PARAMS, f"SD 2 ({preset.model_id})"
+        else:
+            unet, frozen = UNet2DConditionModel(**SD15_UNET_CONFIG), SD15_FROZEN_PARAMS
+            what = "SD 1.5" if preset is not None else f"SD 1.5's size ({model} is not a known architecture)"
+    if lora_rank:
+        lora.add_lora(unet, lora_rank)
+        what += f", LoRA rank {lora_rank}"
+    return unet, frozen, what
+
+
+def estimate_for_config(cfg, unet=None, half_precision: bool | None = None) -> MemoryEstimate:
+    """The estimate for a ``TrainConfig`` on a GPU: for ``cfg.model`` (see ``model_shapes``) unless ``unet``
+    is given, in half precision unless ``cfg.mixed_precision`` is "fp32"."""
     fused = cfg.fused_step and cfg.grad_accum == 1
-    return estimate_peak(unet or sd15_unet_shape(), SD15_FROZEN_PARAMS, batch_size=cfg.batch_size, width=cfg.width,
-                         height=cfg.height, half_precision=half_precision, optimizer=cfg.optimizer, fused_step=fused,
-                         gradient_checkpointing=cfg.gradient_checkpointing, cache_latents=cfg.cache_latents)
+    if unet is None:
+        unet, frozen, what = model_shapes(cfg.model, cfg.lora_rank)
+    else:
+        frozen, what = SD15_FROZEN_PARAMS, ""
+    half = cfg.mixed_precision != "fp32" if half_precision is None else half_precision
+    estimate = estimate_peak(unet, frozen, batch_size=cfg.batch_size, width=cfg.width, height=cfg.height,
+                             half_precision=half, optimizer=cfg.optimizer, fused_step=fused,
+                             gradient_checkpointing=cfg.gradient_checkpointing, cache_latents=cfg.cache_latents)
+    estimate.model = what
+    return estimate
 
 
 def estimate_peak(unet, frozen_params: int, *, batch_size: int, width: int, height: int, half_precision: bool,

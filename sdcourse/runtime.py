@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import importlib.metadata
+import logging
 import os
 import shutil
 import sys
@@ -97,6 +98,7 @@ def setup(smoke: bool | None = None, use_drive: bool = False, outputs: str | Pat
     # Recent diffusers renamed from_pretrained's torch_dtype to dtype; the course passes torch_dtype,
     # which every version from Colab's to the newest accepts, so the rename notice is only noise.
     warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
+    quiet_harmless_warnings()
     if use_drive:
         if not in_colab():
             use_drive = False  # not Colab: this machine's disk outlives the notebook, nothing to mount
@@ -124,6 +126,32 @@ def setup(smoke: bool | None = None, use_drive: bool = False, outputs: str | Pat
     print(f"Compute dtype: {str(rt.dtype).removeprefix('torch.')}; smoke mode: {'on' if smoke else 'off'}; "
           f"outputs: {rt.outputs}")
     return rt
+
+
+# Log lines that appear in a notebook as red boxes and need no action: (logger, words in the message).
+HARMLESS_LOG_LINES = [
+    # bitsandbytes' CPU 4-bit ops look for the optional `kernels` package; the 8-bit optimizer does not use them.
+    ("bitsandbytes.backends.cpu.ops", "No module named 'kernels'"),
+    # Without torchvision, transformers uses the PIL image processors, which compute the same inputs.
+    ("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),
+]
+
+
+class _DropMatching(logging.Filter):
+    def __init__(self, words: str):
+        super().__init__()
+        self.words = words
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.words not in record.getMessage()
+
+
+def quiet_harmless_warnings() -> None:
+    """Drop exactly the log lines in ``HARMLESS_LOG_LINES``; every other warning of those loggers still shows."""
+    for name, words in HARMLESS_LOG_LINES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMatching) and f.words == words for f in logger.filters):
+            logger.addFilter(_DropMatching(words))
 
 
 def read_secret(name: str) -> str:

@@ -24,7 +24,9 @@ the last good checkpoint intact; unreadable images are reported and skipped.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import copy
 import dataclasses
 import errno
 import importlib.util as importlib_util
@@ -59,6 +61,7 @@ class TrainConfig:
     height: int = 512
     crop: str = "random"                 # "random" or "center"
     flip: bool = False                   # random horizontal flip
+    crop_margin: float = 0.125           # with the latent cache and crop="random": cache this much more than the size, crop per epoch
     buckets: bool = False                # aspect-ratio buckets (NovelAI): no cropping away of wide or tall images
     epochs: int = 30
     max_steps: int | None = None         # stop after this many optimizer steps (overrides epochs)
@@ -94,6 +97,8 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=lambda: ["a girl in a maid outfit holding a teapot"])
     validation_seeds: list[int] = field(default_factory=lambda: [0, 1])
     validation_steps: int = 30
+    val_loss_every: int = 50             # validation loss (fixed images, timesteps and noise) every N steps (0: never)
+    val_loss_images: int = 4             # images for it, held out of training (from a dataset of at least 5x as many)
     guidance_scale: float = 7.5
     num_workers: int = 2
 
@@ -130,6 +135,12 @@ class TrainConfig:
                      "copy_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("val_loss_every", "val_loss_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be 0 (off) or more, got {getattr(self, name)}")
+        if not 0 <= self.crop_margin <= 1:
+            raise ValueError(f"TrainConfig.crop_margin is a share of the size between 0 and 1 (0.125: 64 px at 512), "
+                             f"got {self.crop_margin}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,14 +305,55 @@ def encode_texts(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
 class LatentCache:
     """Every image's latents and every distinct caption's embedding, in fp16 on the CPU.
 
-    With a cache, each image is cropped/flipped once (the epoch-0 draw): the price of never running
-    the VAE again. 15,000 images at 512 px take about 0.5 GB of latents plus 118 KB per caption.
+    For random crops the latents are of centre crops ``crop_margin`` larger than the training size
+    (``cache_view``); each epoch draws a new crop of them in latent space, in 8 px steps
+    (``cached_latents``). With flips on, the latents of the mirrored images are cached too, which is
+    exact on any VAE; mirroring a latent is exact only as far as the VAE is symmetric, and on the
+    tiny VAE it is no better than not mirroring (``benchmarks/bench_cache.py`` measures it).
+    15,000 images at 512 px take 0.49 GB of latents at the exact size (0.62 GB with the default
+    margin, twice that with flips) plus 118 KB per caption.
     """
     latents: dict[int, torch.Tensor]
     embeddings: dict[str, torch.Tensor]
+    flipped: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [*self.latents.values(), *self.flipped.values(), *self.embeddings.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def build_cache(dataset: CaptionedImages, m: Models, batch_size: int, num_workers: int, report) -> LatentCache:
+def cache_size(size: tuple[int, int], margin: float) -> tuple[int, int]:
+    """The size an image is cached at: ``margin`` (a share) larger than ``size``, rounded up to the VAE's 8 px."""
+    return tuple(s + 8 * math.ceil(s * margin / 8) for s in size)
+
+
+def cache_view(dataset: CaptionedImages, margin: float) -> CaptionedImages:
+    """The dataset as the cache encodes it: centre crops ``margin`` larger than the training size, unflipped."""
+    view = copy.copy(dataset)
+    view.crop, view.flip = "center", False
+    view.sizes = [None if s is None else cache_size(s, margin) for s in dataset.sizes]
+    return view
+
+
+def cached_latents(cache: LatentCache, sizes: dict[int, tuple[int, int]], indices: list[int], seed: int,
+                   epoch: int, crop: str) -> torch.Tensor:
+    """A batch from the cache: each latent cropped to its training size, flipped or not, drawn anew every
+    epoch from (seed, epoch, index) as the pixel path draws its crops."""
+    batch = []
+    for i in indices:
+        rng = random.Random(f"{seed}/{epoch}/{i}")
+        full = cache.latents[i]
+        h, w = sizes[i][1] // 8, sizes[i][0] // 8
+        dy, dx = full.shape[1] - h, full.shape[2] - w
+        top, left = (rng.randint(0, dy), rng.randint(0, dx)) if crop == "random" else (dy // 2, dx // 2)
+        source = cache.flipped[i] if i in cache.flipped and rng.random() < 0.5 else full
+        batch.append(source[:, top:top + h, left:left + w])
+    return torch.stack(batch)
+
+
+def build_cache(dataset: CaptionedImages, m: Models, batch_size: int, num_workers: int, report,
+                flip: bool = False) -> LatentCache:
     cache = LatentCache({}, {})
     sizes = {i: s for i, s in enumerate(dataset.sizes) if s is not None}
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=epoch_batches(sizes, batch_size, 0, 0),
@@ -317,6 +369,12 @@ def build_cache(dataset: CaptionedImages, m: Models, batch_size: int, num_worker
                 report(i, "its latent is not finite (inf/NaN) even with the VAE in fp32")
                 continue
             cache.latents[i] = latent
+        if flip:
+            for i, latent, pixels in zip(batch["indices"], encode_pixels(m.vae, batch["pixels"].flip(-1)),
+                                         batch["pixels"].flip(-1)):
+                latent = finite_latent(m.vae, pixels, latent) if i in cache.latents else None
+                if latent is not None:
+                    cache.flipped[i] = latent
         new = sorted({t for t in batch["texts"] if t not in cache.embeddings})
         if new:
             for text, emb in zip(new, encode_texts(m.tokenizer, m.text_encoder, new)):
@@ -378,6 +436,79 @@ def diffusion_loss(unet, noise_scheduler, latents, embeddings, generator: torch.
         weight = snr.clamp(max=min_snr_gamma)
         loss = loss * weight / (snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr)
     return loss.mean()
+
+
+# The validation loss: the training loss is dominated by which timesteps a step happens to draw, so
+# it looks flat and noisy for a whole fine-tune. The same few images at the same timesteps with the
+# same noise remove that lottery: what is left changes only with the weights.
+VAL_TIMESTEPS = 5  # per image, spread evenly over the schedule
+
+
+@dataclass
+class ValidationSet:
+    """The images of the validation loss, each with fixed noise for each of the fixed timesteps."""
+    indices: list[int]
+    latents: list[torch.Tensor]     # [4, h, w] each (sizes may differ with buckets), fp32 on the CPU
+    embeddings: list[torch.Tensor]  # [77, d] each
+    noise: list[torch.Tensor]       # [VAL_TIMESTEPS, 4, h, w] each
+    timesteps: torch.Tensor         # [VAL_TIMESTEPS]
+    held_out: bool                  # False: a fixed part of the training images (a dataset too small to spare any)
+
+
+def validation_candidates(dataset: CaptionedImages) -> list[int]:
+    """Rows that may serve the validation loss: readable so far, and not a file listed on several rows
+    (those are weighted on purpose, like DreamBooth's subject photos, and never held out)."""
+    rows = collections.Counter(dataset.files)
+    return [i for i, s in enumerate(dataset.sizes) if s is not None and rows[dataset.files[i]] == 1]
+
+
+def validation_indices(candidates: list[int], count: int, seed: int) -> tuple[list[int], bool]:
+    """Which images the validation loss uses, and whether they are held out of training.
+
+    Held out only from at least 5x ``count`` images; a smaller dataset keeps them in training, and the
+    loss then shows learning but cannot show over-fitting.
+    """
+    picked = sorted(random.Random(f"{seed}/validation").sample(sorted(candidates), min(count, len(candidates))))
+    return picked, len(candidates) >= 5 * count
+
+
+def build_validation_set(dataset: CaptionedImages, m: Models, indices: list[int], held_out: bool, seed: int,
+                         report) -> ValidationSet | None:
+    """Encode the validation images once (centre crops at the training size, unflipped) and fix their noise."""
+    view = cache_view(dataset, 0.0)
+    total = m.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.tensor([(2 * k + 1) * total // (2 * VAL_TIMESTEPS) for k in range(VAL_TIMESTEPS)])
+    vset = ValidationSet([], [], [], [], timesteps, held_out)
+    for i in indices:
+        item = view[i]
+        if "error" in item:
+            report(i, item["error"])
+            continue
+        latent = encode_pixels(m.vae, item["pixels"][None])[0].float().cpu()
+        generator = torch.Generator().manual_seed(random.Random(f"{seed}/validation/{i}").getrandbits(63))
+        vset.indices.append(i)
+        vset.latents.append(latent)
+        vset.embeddings.append(encode_texts(m.tokenizer, m.text_encoder, [item["text"]])[0].float().cpu())
+        vset.noise.append(torch.randn((VAL_TIMESTEPS, *latent.shape), generator=generator))
+    return vset if vset.indices else None
+
+
+@torch.no_grad()
+def validation_loss(unet, noise_scheduler, vset: ValidationSet, device, autocast=contextlib.nullcontext()) -> float:
+    """Mean MSE against the target over the validation images at their fixed timesteps and noise."""
+    was_training = unet.training
+    unet.eval()
+    timesteps, losses = vset.timesteps.to(device), []
+    for latent, embedding, noise in zip(vset.latents, vset.embeddings, vset.noise):
+        latents = latent.to(device).expand(len(timesteps), -1, -1, -1)
+        noise = noise.to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        with autocast:
+            prediction = unet(noisy, timesteps, embedding.to(device).expand(len(timesteps), -1, -1)).sample
+        target = noise_target(noise_scheduler, latents, noise, timesteps)
+        losses.append(F.mse_loss(prediction.float(), target.float()).item())
+    unet.train(was_training)
+    return sum(losses) / len(losses)
 
 
 def lr_factor(step: int, total_steps: int, warmup_ratio: float, schedule: str) -> float:
@@ -722,6 +853,20 @@ def save_snapshot(folder: Path, step: int, unet) -> Path:
 # ----------------------------------------------------------------------------------------------
 # What a learner watches: progress bar, live loss curve, validation images
 
+def cache_report(cache: LatentCache, sizes: list, margin: float, seconds: float) -> str:
+    """What the cache cost, against a cache of exact-size crops (what it held before random crops)."""
+    latents = sum(t.numel() * t.element_size() for t in [*cache.latents.values(), *cache.flipped.values()])
+    exact = sum(4 * (sizes[i][0] // 8) * (sizes[i][1] // 8) * 2 for i in cache.latents)  # fp16
+    extra = f"{margin:.1%} margin for random crops" + (", flipped images" if cache.flipped else "")
+
+    def size(n: int) -> str:
+        return f"{n / 2**20:.1f} MiB" if n >= 2**20 / 10 else f"{n / 2**10:.1f} KiB"
+    return (f"Cached {len(cache.latents)} images and {len(cache.embeddings)} captions in {seconds:.1f} s, "
+            f"{size(cache.nbytes)}. Latents: {size(latents)}, {latents / exact:.2f}x the "
+            f"{size(exact)} of exact-size crops ({extra}); the VAE's time grows with the pixels "
+            f"encoded, so roughly {1 - exact / latents:.0%} of the caching time is that extra (an estimate).")
+
+
 def in_notebook() -> bool:
     try:
         from IPython import get_ipython
@@ -732,19 +877,31 @@ def in_notebook() -> bool:
 
 
 class LossCurve:
-    """The loss per step, redrawn in place in a notebook (one output, updated); saved as a PNG at the end."""
+    """Training and validation loss per step, redrawn in place in a notebook (one output, updated);
+    saved as a PNG at the end.
 
-    def __init__(self, live: bool):
+    ``steps``/``losses`` are this session's; ``state_dict`` holds the whole run (earlier sessions
+    included), travels in every checkpoint and comes back on resume, so the curve shows the whole run.
+    """
+
+    def __init__(self, live: bool, held_out: bool = True):
         import matplotlib.pyplot as plt
 
-        self.fig, self.ax = plt.subplots(figsize=(7, 3))
+        self.fig, (self.ax, self.val_ax) = plt.subplots(1, 2, figsize=(11, 3))
         plt.close(self.fig)  # drawn only through the display handle, never twice
         self.ax.set(xlabel="step", ylabel="loss (MSE)", title="Training loss")
         (self.raw,) = self.ax.plot([], [], lw=0.8, alpha=0.4, label="per step")
         (self.smooth,) = self.ax.plot([], [], lw=2, label="moving average")
         self.ax.legend(loc="upper right")
+        which = "held-out images" if held_out else "fixed training images"
+        self.val_ax.set(xlabel="step", ylabel="loss (MSE)", title=f"Validation loss ({which}, fixed t and noise)")
+        (self.val_line,) = self.val_ax.plot([], [], "o-", color="C2", ms=3)
         self.steps: list[int] = []
         self.losses: list[float] = []
+        self.earlier_steps: list[int] = []   # earlier sessions of this run, from the checkpoint
+        self.earlier_losses: list[float] = []
+        self.val_steps: list[int] = []       # the whole run
+        self.val_losses: list[float] = []
         self.handle, self.drawn_at = None, 0.0
         if live and in_notebook():
             from IPython.display import display
@@ -754,17 +911,32 @@ class LossCurve:
         self.steps.append(step)
         self.losses.append(loss)
 
+    def add_validation(self, step: int, loss: float) -> None:
+        self.val_steps.append(step)
+        self.val_losses.append(loss)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.earlier_steps + self.steps, "losses": self.earlier_losses + self.losses,
+                "val_steps": list(self.val_steps), "val_losses": list(self.val_losses)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.earlier_steps, self.earlier_losses = list(state["steps"]), list(state["losses"])
+        self.val_steps, self.val_losses = list(state["val_steps"]), list(state["val_losses"])
+
     def draw(self, force: bool = False) -> None:
         # Rendering the figure takes a good fraction of a second: at most every 2 s, whatever the step rate.
         if not self.losses or (not force and time.perf_counter() - self.drawn_at < 2.0):
             return
         self.drawn_at = time.perf_counter()
-        window = max(1, len(self.losses) // 20)
-        smooth = np.convolve(self.losses, np.ones(window) / window, mode="valid")
-        self.raw.set_data(self.steps, self.losses)
-        self.smooth.set_data(self.steps[window - 1:], smooth)
-        self.ax.relim()
-        self.ax.autoscale_view()
+        steps, losses = self.earlier_steps + self.steps, self.earlier_losses + self.losses
+        window = max(1, len(losses) // 20)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        self.raw.set_data(steps, losses)
+        self.smooth.set_data(steps[window - 1:], smooth)
+        self.val_line.set_data(self.val_steps, self.val_losses)
+        for ax in (self.ax, self.val_ax):
+            ax.relim()
+            ax.autoscale_view()
         if self.handle is not None:
             self.handle.update(self.fig)
 
@@ -804,6 +976,7 @@ class TrainResult:
     peak_gib: float | None       # measured peak GPU memory (CUDA only)
     estimate: memory.MemoryEstimate
     partial_steps: int = 0       # fp16 fused steps cut short by an overflow (see UNetOptimizer)
+    history: dict = field(default_factory=dict)  # the whole run, resumed sessions included: LossCurve.state_dict()
 
 
 def compute_dtype_for(setting: str, device: torch.device) -> torch.dtype:
@@ -898,16 +1071,24 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
 
     for i, error in dataset.unreadable.items():
         report(i, error)
+    vset = None  # the validation loss's images, encoded while the VAE and text encoder are on the GPU
+    if cfg.val_loss_every and cfg.val_loss_images:
+        picked, held_out = validation_indices(validation_candidates(dataset), cfg.val_loss_images, cfg.seed)
+        vset = build_validation_set(dataset, m, picked, held_out, cfg.seed, report)
     cache = None
     if cfg.cache_latents:
         say(f"Caching latents and text embeddings of {len(dataset)} images ...")
-        cache = build_cache(dataset, m, cfg.batch_size, cfg.num_workers, report)
+        margin, started = cfg.crop_margin if cfg.crop == "random" else 0.0, time.perf_counter()
+        cache = build_cache(cache_view(dataset, margin), m, cfg.batch_size, cfg.num_workers, report, cfg.flip)
+        say(cache_report(cache, dataset.sizes, margin, time.perf_counter() - started))
         for module in frozen:
             module.to("cpu")
         free_memory()
         sizes = {i: dataset.sizes[i] for i in cache.latents}
     else:
         sizes = {i: s for i, s in enumerate(dataset.sizes) if s is not None}
+    if vset is not None and vset.held_out:
+        sizes = {i: s for i, s in sizes.items() if i not in vset.indices}
     micro_per_epoch = len(epoch_batches(sizes, cfg.batch_size, cfg.seed, 0)) // world
     if micro_per_epoch == 0:
         raise ValueError(f"{cfg.dataset}: {len(sizes)} readable images make no batch for each of {world} processes.")
@@ -918,7 +1099,7 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
         batches = epoch_batches(sizes, cfg.batch_size, cfg.seed, epoch)[rank::world][:micro_per_epoch][offset:]
         if cache is not None:
             for b in batches:
-                latents = torch.stack([cache.latents[i] for i in b])
+                latents = cached_latents(cache, sizes, b, cfg.seed, epoch, cfg.crop)
                 embeddings = torch.stack([cache.embeddings[dataset.texts[i]] for i in b])
                 yield latents.to(device, torch.float32), embeddings.to(device, torch.float32)
             return
@@ -987,7 +1168,7 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
     def save(step: int) -> None:
         if main:
             saved = save_checkpoint(checkpoints, step, accelerator.unwrap_model(unet),
-                                    {"step": step, "optimizer": optimizer.state_dict(),
+                                    {"step": step, "optimizer": optimizer.state_dict(), "curve": curve.state_dict(),
                                      "last_ema": ema.step if ema is not None else None}, ema, cfg.keep_checkpoints)
             if copies is not None and (step % cfg.copy_every == 0 or step == total_steps):
                 copy_newest(saved, copies)
@@ -995,8 +1176,18 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
 
     snapshot_steps = set() if cfg.lora_rank else {max(1, round(f * total_steps)) for f in cfg.snapshots} - {total_steps}
 
-    curve = LossCurve(live=main)
+    def measure(step: int) -> None:
+        if vset is not None and main:
+            curve.add_validation(step, validation_loss(accelerator.unwrap_model(unet), m.noise_scheduler, vset,
+                                                       device, autocast))
+
+    curve = LossCurve(live=main, held_out=vset is None or vset.held_out)
+    if resume_from is not None and "curve" in state:
+        curve.load_state_dict(state["curve"])
+    elif resume_from is not None:
+        say(f"{resume_from} holds no loss history (an older checkpoint): the curve starts at step {step}.")
     if step == 0:
+        measure(0)
         validate(0)
     bar = tqdm(total=total_steps, initial=step, disable=not main, desc="training", unit="step")
     images_done, clock, step_losses = 0, time.perf_counter(), []
@@ -1039,6 +1230,8 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
                 if step_losses:  # empty only when every image of the step was unreadable
                     curve.add(step, sum(step_losses) / len(step_losses))
                     step_losses = []
+                if cfg.val_loss_every and (step % cfg.val_loss_every == 0 or step == total_steps):
+                    measure(step)
                 elapsed = time.perf_counter() - clock
                 bar.set_postfix(loss=f"{curve.losses[-1]:.4f}" if curve.losses else "-", lr=f"{optimizer.lr:.2e}",
                                 img_s=f"{images_done / elapsed:.1f}")
@@ -1063,7 +1256,7 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
     if not curve.losses and ((final / "model_index.json").exists() or (final / lora.WEIGHT_NAME).exists()):
         say(f"This run had already finished ({step} of {total_steps} steps in {resume_from}); nothing to do. "
             "Raise max_steps or epochs to train further, or set resume=False to start over.")
-        return TrainResult(final, [], skipped, None, estimate)
+        return TrainResult(final, [], skipped, None, estimate, history=curve.state_dict())
     peak = None
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / memory.GIB
@@ -1090,7 +1283,7 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
             save_pipeline(model_id, m, unet, final)
             say(f"Saved the fine-tuned pipeline to {final}")
     accelerator.wait_for_everyone()
-    return TrainResult(final, curve.losses, skipped, peak, estimate, partial_steps)
+    return TrainResult(final, curve.losses, skipped, peak, estimate, partial_steps, curve.state_dict())
 
 
 def save_pipeline(model_id: str, m: Models, unet, final: Path) -> None:

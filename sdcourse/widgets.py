@@ -64,10 +64,12 @@ def caption_editor(dataset_dir, column: str = "text", size: int = 320):
 # --- Notebook 03: training config panel (issue 4) ---
 
 def training_config_panel(cfg, config_path="train_config.json"):
-    """Edit a ``TrainConfig`` in place, see the T4 memory estimate change, save or load it as JSON.
+    """Edit a ``TrainConfig`` in place, see the GPU memory estimate change, save or load it as JSON.
 
-    Optional settings (max steps, min-SNR gamma, EMA decay) are off at 0. The estimate is for SD
-    1.5's UNet on a T4 in fp16, whatever model the config names (see ``sdcourse/memory.py``).
+    Optional settings (max steps, min-SNR gamma, EMA decay) are off at 0. The estimate is for the
+    model ``cfg.model`` names and the settings shown (see ``memory.estimate_for_config``). Training
+    reads ``cfg`` when it starts: an edit reaches it when the train cell runs after the edit, which
+    the panel says under its boxes.
     """
     import dataclasses
 
@@ -76,8 +78,8 @@ def training_config_panel(cfg, config_path="train_config.json"):
     from . import memory
     from .train import TrainConfig
 
-    unet = memory.sd15_unet_shape()
-    wide = {"style": {"description_width": "150px"}, "layout": w.Layout(width="330px")}
+    # Wide enough for the longest label in JupyterLab's and Jupyter classic's fonts (the browser test checks).
+    wide = {"style": {"description_width": "200px"}, "layout": w.Layout(width="390px")}
     boxes = {
         "epochs": w.BoundedIntText(min=1, max=1000, description="epochs", **wide),
         "max_steps": w.BoundedIntText(min=0, max=10**7, description="max steps (0: epochs)", **wide),
@@ -99,6 +101,10 @@ def training_config_panel(cfg, config_path="train_config.json"):
         "gradient_checkpointing": w.Checkbox(description="gradient checkpointing", indent=False),
         "fused_step": w.Checkbox(description="optimizer step in backward", indent=False),
         "cache_latents": w.Checkbox(description="cache latents", indent=False),
+        "optimizer": w.Dropdown(options=["adamw8bit", "adamw"], description="optimizer", **wide),
+        "mixed_precision": w.Dropdown(options=["auto", "fp16", "bf16", "fp32"], description="mixed precision", **wide),
+        "crop_margin": w.BoundedFloatText(min=0, max=1, step=0.025, description="crop margin (cached crops)", **wide),
+        "val_loss_every": w.BoundedIntText(min=0, max=10**7, description="val. loss every (0: never)", **wide),
     }
     optional = {"max_steps", "min_snr_gamma", "ema_decay"}  # None in the config, 0 in the box
     estimate = w.HTML()
@@ -106,9 +112,11 @@ def training_config_panel(cfg, config_path="train_config.json"):
     save_button = w.Button(description="Save", icon="save")
     load_button = w.Button(description="Load", icon="folder-open")
     status = w.Label()
+    when = w.HTML("<b>Training reads these values when the Train cell runs.</b> After <i>Run All</i> it has "
+                  "already started with the values shown then: change them, then run the Train cell again.")
 
     def show_estimate():
-        lines = str(memory.estimate_for_config(cfg, unet)).splitlines()
+        lines = str(memory.estimate_for_config(cfg)).splitlines()
         estimate.value = "<pre>" + "\n".join(lines) + "\n(T4: about 15 GiB usable)</pre>"
 
     def fill_from_config():
@@ -121,6 +129,7 @@ def training_config_panel(cfg, config_path="train_config.json"):
         value = change["new"]
         setattr(cfg, name, (value or None) if name in optional else value)
         show_estimate()
+        status.value = f"{name} = {getattr(cfg, name)!r}: used when the Train cell runs next"
 
     def on_save(_):
         status.value = f"Saved {cfg.save(path_box.value)}"
@@ -142,8 +151,8 @@ def training_config_panel(cfg, config_path="train_config.json"):
     save_button.on_click(on_save)
     load_button.on_click(on_load)
     names = list(boxes)
-    columns = w.HBox([w.VBox([boxes[n] for n in names[:10]]), w.VBox([boxes[n] for n in names[10:]])])
-    return w.VBox([columns, estimate, w.HBox([path_box, save_button, load_button]), status])
+    columns = w.HBox([w.VBox([boxes[n] for n in names[:12]]), w.VBox([boxes[n] for n in names[12:]])])
+    return w.VBox([columns, when, estimate, w.HBox([path_box, save_button, load_button]), status])
 
 
 # --- Notebooks 00 and 04: sampler and denoising-step scrubber (issue 5) ---
@@ -153,6 +162,17 @@ def _png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _show(picture, image, min_side: int = 256) -> None:
+    """Put a PIL image into an ``ipywidgets.Image`` at its own size, never stretched to the output's width
+    (a box stretches its children unless they have a width); one under ``min_side`` px is enlarged by a
+    whole factor first, so a tiny model's 64 px picture can be seen."""
+    from .visualization import enlarge
+
+    image = enlarge(image, min_side)
+    picture.value = _png_bytes(image)
+    picture.layout.width = f"{image.width}px"
 
 
 def sampler_panel(pipe, prompt: str, negative_prompt: str = "", steps: int = 30, guidance_scale: float = 7.5,
@@ -195,7 +215,7 @@ def sampler_panel(pipe, prompt: str, negative_prompt: str = "", steps: int = 30,
             caption.value = f"Generation failed: {type(error).__name__}: {error}"
             raise
         else:
-            picture.value = _png_bytes(image)
+            _show(picture, image)
             caption.value = (f"{model_menu.value}: {scheduler_menu.value}, {steps_slider.value} steps, "
                              f"guidance {guidance_slider.value}, seed {seed_box.value}"
                              f"{', FreeU' if freeu_box.value else ''}")
@@ -209,19 +229,24 @@ def sampler_panel(pipe, prompt: str, negative_prompt: str = "", steps: int = 30,
 
 
 def step_scrubber(frames: list, labels: list[str]):
-    """A slider over the frames of one generation (e.g. preview | decode per captured step)."""
+    """A slider over the frames of one generation (e.g. preview | decode per captured step).
+
+    The slider's readout is the frame's own label ("step 5 of 40"), so it can never disagree with
+    the picture; frames are shown at their own size.
+    """
     import ipywidgets as w
 
     if len(frames) != len(labels) or not frames:
         raise ValueError(f"step_scrubber needs one label per frame, got {len(frames)} frames, {len(labels)} labels.")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"step_scrubber needs a different label for every frame, got {labels}.")
     pngs = [_png_bytes(frame) for frame in frames]  # encoded once: scrubbing only swaps bytes
-    picture = w.Image(value=pngs[0], format="png")
-    caption = w.Label(value=labels[0])
-    slider = w.IntSlider(value=0, min=0, max=len(frames) - 1, description="Frame", continuous_update=True)
+    picture = w.Image(value=pngs[0], format="png", layout=w.Layout(width=f"{max(f.width for f in frames)}px"))
+    slider = w.SelectionSlider(options=list(zip(labels, range(len(frames)))), index=0, description="Frame",
+                               continuous_update=True, layout=w.Layout(width="420px"))
 
     def show(change):
         picture.value = pngs[change["new"]]
-        caption.value = labels[change["new"]]
 
     slider.observe(show, names="value")
-    return w.VBox([w.HBox([slider, caption]), picture])
+    return w.VBox([slider, picture])

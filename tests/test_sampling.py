@@ -173,6 +173,7 @@ def test_sampler_panel_shows_a_picture_and_regenerates(pipe):
     (button, caption), picture = panel.children[-2].children, panel.children[-1]
     first = bytes(picture.value)
     assert first.startswith(b"\x89PNG") and "Euler a, 2 steps" in caption.value
+    assert picture.layout.width == "256px"  # the 64 px picture enlarged 4x, not stretched to the output's width
     seed_box = panel.children[3].children[0]
     seed_box.value = 1
     button.click()

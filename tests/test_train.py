@@ -94,8 +94,10 @@ def test_fused_step_equals_ordinary_step(tiny_sd_path, kind):
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_sd_path, sample_dir):
-    # Batch 8 over 36 images: 5 batches an epoch, so the 8 steps cross an epoch boundary after the resume.
-    common = dict(batch_size=8, max_steps=8, checkpoint_every=4, ema_decay=0.9, ema_every=3, flip=True)
+    # Batch 6 over the 32 images left after 4 are held out for the validation loss: 6 batches an epoch,
+    # so the resume starts mid-epoch and the 8 steps cross an epoch boundary after it.
+    common = dict(batch_size=6, max_steps=8, checkpoint_every=4, ema_decay=0.9, ema_every=3, flip=True,
+                  val_loss_every=3)
     whole = train.train(config(tmp_path / "whole", tiny_sd_path, sample_dir, **common))
 
     cfg = config(tmp_path / "killed", tiny_sd_path, sample_dir, **common)
@@ -111,6 +113,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_sd_path, sample_dir
     assert train.train(cfg).losses == []  # a finished run is not trained again
 
     assert resumed.losses == whole.losses[4:]
+    assert resumed.history == whole.history  # the curve after the resume shows the whole run
+    assert whole.history["val_steps"] == [0, 3, 6, 8] and len(whole.history["losses"]) == 8
     a, b = (tmp_path / name / "finetune" / "checkpoints" / "step-000008" for name in ("whole", "killed"))
     for name, weight in unet_weights(a).items():
         assert torch.equal(weight, unet_weights(b)[name]), name

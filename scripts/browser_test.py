@@ -1,0 +1,225 @@
+"""The course's panels in headless Chromium, in Jupyter classic with ipywidgets 7.7.1 (Colab's).
+
+Run by ``scripts/browser_test.sh`` (which makes the venv). Builds a notebook with the three panels on
+the tiny model, serves it on 127.0.0.1, runs every cell in the browser, then acts as a learner:
+
+- the training panel renders, no label is cut, a new batch size changes the memory estimate and
+  reaches ``cfg`` in the kernel;
+- the sampler shows its picture at its own size, and a new seed plus a click on Generate changes it;
+- the step scrubber's readout is the label of the frame shown, and moving it changes the picture.
+
+Exit status 0 when every check passes; screenshots, the notebook's stderr and a JSON summary go to
+``outputs/browser/`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CELLS = [
+    """import torch
+from IPython.display import display
+from sdcourse import models, runtime, sampling, tiny, widgets, visualization as viz
+from sdcourse.train import TrainConfig
+rt = runtime.setup(smoke=True, outputs=OUTPUTS)""",
+    """cfg = TrainConfig(model="sd15", output_dir=str(rt.path("finetune")))
+widgets.training_config_panel(cfg, config_path=rt.outputs / "finetune" / "config.json")""",
+    """pipe = models.load_pipeline(tiny.sd_path("epsilon"), torch.float32)
+pipe.set_progress_bar_config(disable=True)
+display(widgets.sampler_panel(pipe, "a red circle on a white background", steps=3, height=64, width=64))""",
+    """sampling.set_scheduler(pipe, "DDIM")
+trace = sampling.trace_denoising(pipe, "a red circle on a white background", 0, steps=6, capture=[1, 2, 4, 6])
+grid, frames = viz.denoising_pictures(pipe, trace)
+display(widgets.step_scrubber(frames, [f"step {s} of 6" for s in trace.steps]))""",
+    """print("cfg.batch_size is", cfg.batch_size)""",
+]
+
+# What a cut label looks like to the browser: its text is wider than its box.
+CUT_LABELS = """return Array.from(arguments[0].querySelectorAll('.widget-label, .widget-label-basic'))
+  .filter(e => e.offsetParent !== null && e.textContent.trim())
+  .map(e => [e.textContent.trim(), e.scrollWidth, e.clientWidth]);"""
+# The pixels of an <img>, to tell a changed picture from a re-sent one.
+PIXELS = """const img = arguments[0], c = document.createElement('canvas');
+c.width = img.naturalWidth; c.height = img.naturalHeight;
+c.getContext('2d').drawImage(img, 0, 0); return c.toDataURL();"""
+SIZE = "const r = arguments[0].getBoundingClientRect(); return [r.width, r.height, arguments[0].naturalWidth, arguments[0].naturalHeight];"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_notebook(folder: Path, outputs: Path) -> Path:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(f"OUTPUTS = {str(outputs)!r}\n" + CELLS[0])]
+    nb.cells += [nbformat.v4.new_code_cell(c) for c in CELLS[1:]]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = folder / "panels.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def browser(profile: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    # Headless as root, and quiet: this machine's network is closed, and Chromium's background
+    # connections would otherwise be refused many at a time.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,1600", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+
+
+def wait(what: str, condition, timeout: float = 300.0, every: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "browser")
+    args = parser.parse_args()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="sdcourse-browser-"))
+    notebook = write_notebook(work, work / "outputs")
+    port, token = free_port(), secrets.token_hex(16)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "notebook", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
+         f"--NotebookApp.token={token}", f"--notebook-dir={work}"],
+        env=env, stdout=open(args.out / "server.log", "w"), stderr=subprocess.STDOUT)
+    checks: dict[str, object] = {}
+    driver = None
+    try:
+        wait("the notebook server", lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 60)
+        driver = browser(work / "profile")
+        driver.get(f"http://127.0.0.1:{port}/notebooks/{notebook.name}?token={token}")
+        js = driver.execute_script
+        wait("the kernel", lambda: js("return !!(window.Jupyter && Jupyter.notebook && Jupyter.notebook.kernel"
+                                      " && Jupyter.notebook.kernel.is_connected())"), 120)
+        started = time.time()
+        js("Jupyter.notebook.execute_all_cells()")
+
+        def prompts():
+            return js("return Jupyter.notebook.get_cells().map(c => c.input_prompt_number === undefined ? null"
+                      " : String(c.input_prompt_number))")
+        def finished():  # every cell ran, or one failed (the rest then never runs)
+            return (all(p not in (None, "*", "null") for p in prompts())
+                    or driver.find_elements(By.CSS_SELECTOR, ".output_error"))
+        wait("Run All", finished, 600, 1.0)
+        checks["run all seconds"] = round(time.time() - started, 1)
+        cells = driver.find_elements(By.CSS_SELECTOR, "#notebook-container .cell")
+        errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".output_error")]
+        checks["stderr boxes"] = [e.text[:300] for e in driver.find_elements(By.CSS_SELECTOR, ".output_stderr")]
+        assert not errors, f"cells failed: {errors}"
+        driver.save_screenshot(str(args.out / "after_run_all.png"))
+
+        # 1. The training panel: renders, no label cut, a value changes the estimate and reaches cfg.
+        panel = wait("the training panel", lambda: cells[1].find_elements(By.CSS_SELECTOR, ".output_area .widget-vbox"), 60)[0]
+        labels = js(CUT_LABELS, panel)
+        cut = [text for text, scroll, client in labels if scroll > client]
+        checks["training panel labels"] = len(labels)
+        checks["training panel labels cut"] = cut
+        # The HTML widget's box, not its <pre>: a new value replaces what is inside.
+        estimate = panel.find_element(By.XPATH, ".//div[contains(@class,'widget-html')][.//pre]")
+        before = estimate.text
+        box = panel.find_element(By.XPATH, ".//div[contains(@class,'widget-inline-hbox')]"
+                                           "[.//label[normalize-space()='batch size']]//input")
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys("8", Keys.TAB)
+        wait("the estimate to change", lambda: estimate.text != before, 30)
+        total = [line.strip() for line in estimate.text.splitlines() if line.strip().startswith("total")]
+        checks["estimate before"] = [line.strip() for line in before.splitlines() if line.strip().startswith("total")]
+        checks["estimate after batch 8"] = total
+        cells[1].screenshot(str(args.out / "training_panel.png"))
+        js("Jupyter.notebook.execute_cells([4])")
+        output = wait("cfg's value", lambda: "".join(e.text for e in cells[4].find_elements(
+            By.CSS_SELECTOR, ".output_text")).strip().endswith(" 8") and cells[4].text, 60)
+        checks["kernel sees"] = output.splitlines()[-1]
+
+        # 2. The sampler: the picture at its own size; a new seed and a click change it.
+        sampler = cells[2]
+        img = sampler.find_element(By.CSS_SELECTOR, ".widget-image")
+        checks["sampler picture shown x natural"] = js(SIZE, img)
+        first = js(PIXELS, img)
+        seed = sampler.find_element(By.XPATH, ".//div[contains(@class,'widget-inline-hbox')][.//label[normalize-space()="
+                                              "'Seed']]//input")
+        seed.send_keys(Keys.CONTROL, "a")
+        seed.send_keys("1", Keys.TAB)
+        sampler.find_element(By.XPATH, ".//button[normalize-space()='Generate']").click()
+        wait("a new picture", lambda: js(PIXELS, img) != first, 120)
+        caption = sampler.find_element(By.XPATH, ".//button[normalize-space()='Generate']/following-sibling::*").text
+        checks["sampler caption after click"] = caption
+        sampler.screenshot(str(args.out / "sampler.png"))
+
+        # 3. The scrubber: the readout is the frame's label; moving it changes the picture.
+        scrubber = cells[3]
+        img = scrubber.find_element(By.CSS_SELECTOR, ".widget-image")
+        readout = scrubber.find_element(By.CSS_SELECTOR, ".widget-readout")
+        checks["scrubber picture shown x natural"] = js(SIZE, img)
+        seen = [(readout.text, js(PIXELS, img))]
+        handle = scrubber.find_element(By.CSS_SELECTOR, ".ui-slider-handle, .noUi-handle")
+        for _ in range(3):
+            handle.send_keys(Keys.ARROW_RIGHT)
+            wait("the next frame", lambda: js(PIXELS, img) != seen[-1][1] and readout.text != seen[-1][0], 30)
+            seen.append((readout.text, js(PIXELS, img)))
+        checks["scrubber readouts"] = [text for text, _ in seen]
+        scrubber.screenshot(str(args.out / "scrubber.png"))
+
+        failures = []
+        if cut:
+            failures.append(f"labels cut: {cut}")
+        if checks["scrubber readouts"] != ["step 1 of 6", "step 2 of 6", "step 4 of 6", "step 6 of 6"]:
+            failures.append(f"scrubber readouts {checks['scrubber readouts']}")
+        for name in ("sampler picture shown x natural", "scrubber picture shown x natural"):
+            shown_w, _, natural_w, _ = checks[name]
+            if abs(shown_w - natural_w) > 1:
+                failures.append(f"{name}: shown {shown_w} px wide, its own width is {natural_w}")
+        if "seed 1" not in caption:
+            failures.append(f"sampler caption {caption!r}")
+        checks["failures"] = failures
+    except Exception as error:
+        checks["failures"] = [f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"]
+        if driver is not None:
+            driver.save_screenshot(str(args.out / "failure.png"))
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.terminate()
+        server.wait(30)
+    (args.out / "summary.json").write_text(json.dumps(checks, indent=2) + "\n")
+    print(json.dumps(checks, indent=2))
+    print(f"Screenshots and summary: {args.out}")
+    print("FAILED: " + "; ".join(checks["failures"]) if checks["failures"] else "All browser checks passed.")
+    return 1 if checks["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
