@@ -35,6 +35,12 @@ def test_training_time_follows_steps_batch_and_size():
     assert costs.t4_training_time(1000, 4, 256, 256).value < one.value / 3  # a quarter of the latent area
 
 
+def test_sampling_time_uses_the_measured_step_rate():
+    figure = costs.t4_sampling_time(images=100, steps=30)
+    assert figure.value == pytest.approx(100 * 30 / costs.FIGURES["t4_sampling_steps_per_s"].value / 60)
+    assert figure.kind == "estimated" and "measured" in figure.basis
+
+
 def test_merge_ram_counts_the_largest_component_of_every_input_plus_the_result(tmp_path):
     from sdcourse.export import COMPONENT_WEIGHTS
     for model, unet_bytes in (("a", 4000), ("b", 2000)):
