@@ -1,7 +1,8 @@
 """The course's time and size figures in one place, each labelled: measured (where, on what) or estimated (from what).
 
 Notebooks and the README quote these instead of writing numbers of their own, so a sentence and the
-figure it cites cannot drift apart. No figure here was measured on a T4: the T4 speed is an assumption.
+figure it cites cannot drift apart. The course itself measured nothing on a T4: its training speed
+there is an assumption, its sampling speed the diffusers team's measurement.
 
     costs.FIGURES["blip_base_parameters"]       # Figure(value, unit, kind, basis); str() reads as a sentence
     costs.t4_training_time(steps=1000, batch_size=4)
