@@ -193,3 +193,32 @@ def _rows_to_caption(dataset_dir: Path, config: CaptionConfig):
     print(f"Captioning {len(todo)} of {len(table)} images"
           + ("" if config.overwrite else f" (keeping the {len(table) - len(todo)} that have a caption)"))
     return table, todo
+
+
+# --- Captions that fit the text encoder ---------------------------------------------------------
+
+@dataclass
+class CaptionFit:
+    """How many captions the tokenizer cuts: CLIP reads ``limit`` tokens (77, markers included), no more."""
+    total: int
+    limit: int
+    too_long: list[tuple[str, int, str]]  # (caption, its token count, the words past the cut)
+
+    def __str__(self) -> str:
+        if not self.too_long:
+            return f"All {self.total} captions fit the text encoder's {self.limit} tokens."
+        caption, n, lost = max(self.too_long, key=lambda row: row[1])
+        return (f"{len(self.too_long)} of {self.total} captions are longer than the text encoder's {self.limit} tokens "
+                f"and are cut in training: the longest has {n} tokens and loses {lost!r}. "
+                "Shorten them (fewer tags, most important first) or accept that the end is never seen.")
+
+
+def caption_fit(tokenizer, captions: list[str]) -> CaptionFit:
+    """Count each caption's tokens with the model's own tokenizer (start and end markers included)."""
+    limit = tokenizer.model_max_length
+    too_long = []
+    for caption in captions:
+        ids = tokenizer(caption, truncation=False, verbose=False).input_ids  # verbose: no warning per long caption
+        if len(ids) > limit:  # the text encoder keeps limit - 1 tokens and the end marker
+            too_long.append((caption, len(ids), tokenizer.decode(ids[limit - 1:-1]).strip()))
+    return CaptionFit(len(captions), limit, too_long)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import models
-from .runtime import T4_SECONDS_PER_TRAINING_IMAGE, Runtime, announce_cost
+from . import costs, models
+from .runtime import Runtime
 
 # What makes two UNets interchangeable in one pipeline: the same layers with the same shapes.
 ARCHITECTURE_KEYS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block",
@@ -195,5 +195,5 @@ def announce_training(cfg, smoke: bool) -> None:
     """Print what a training run will cost before it starts (steps from max_steps or the dataset's size)."""
     images = len(pd.read_csv(Path(cfg.dataset) / "metadata.csv"))
     steps = cfg.max_steps or cfg.epochs * max(1, images // cfg.batch_size) // cfg.grad_accum
-    announce_cost(f"Training {steps:,} steps of {cfg.batch_size * cfg.grad_accum} images on {images:,} images",
-                  steps * cfg.batch_size * cfg.grad_accum * T4_SECONDS_PER_TRAINING_IMAGE, smoke)
+    costs.announce(f"Training {steps:,} steps of {cfg.batch_size * cfg.grad_accum} images on {images:,} images",
+                   costs.t4_training_time(steps, cfg.batch_size * cfg.grad_accum, cfg.width, cfg.height), smoke)

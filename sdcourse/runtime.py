@@ -191,19 +191,6 @@ def atomic_dir(target: str | Path):
     tmp.rename(target)
 
 
-# Rough T4 costs of the real models (SD 1.5, 512 px), for announcing a cell's cost; estimates, not measurements:
-T4_SECONDS_PER_IMAGE_SAMPLED = 5.0    # 30 steps in fp16, from diffusers' published T4 benchmark
-T4_SECONDS_PER_TRAINING_IMAGE = 0.5   # notebook 03's estimate: the UNet's FLOP count at an assumed 6 TFLOP/s
-
-
-def announce_cost(what: str, seconds_on_t4: float, smoke: bool = False) -> None:
-    """Say what a long cell will cost before it starts (``seconds_on_t4``: an estimate, said so)."""
-    minutes = seconds_on_t4 / 60
-    took = f"about {minutes:.0f} min" if minutes >= 1.5 else f"about {seconds_on_t4:.0f} s"
-    print(f"{what}: {took} on a free T4 (an estimate, not a measurement)"
-          + ("; in smoke mode seconds on a CPU" if smoke else "") + ".")
-
-
 def free_memory() -> None:
     """Give cached GPU memory back after deleting a model (``del model; free_memory()``)."""
     gc.collect()

@@ -1062,6 +1062,8 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
 
     # Data, and the cache that lets the VAE and text encoder leave the GPU.
     dataset = CaptionedImages(cfg.dataset, cfg.width, cfg.height, cfg.crop, cfg.flip, cfg.buckets, cfg.seed)
+    from .captioning import caption_fit
+    say(caption_fit(m.tokenizer, dataset.texts))  # the tokenizer cuts what is longer, silently
     skipped: dict[str, str] = {}
 
     def report(i: int, error: str) -> None:

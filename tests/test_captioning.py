@@ -116,3 +116,19 @@ def test_caption_editor_edits_navigates_and_saves(dataset):
     saved = data.read_metadata(dataset)
     assert saved.at[0, "text"] == 'a "fixed", caption' and saved.drop(index=0).equals(first.drop(index=0))
     assert (dataset / saved.at[0, "file_name"]).with_suffix(".txt").read_text() == 'a "fixed", caption'
+
+
+def test_caption_fit_counts_the_captions_clip_cuts_and_shows_the_lost_words(tiny_sd_path):
+    from transformers import CLIPTokenizer
+    from sdcourse.captioning import caption_fit
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd_path, subfolder="tokenizer")
+    tags = ", ".join(["red circle"] * 30) + ", blue square"  # 30 x 3 tokens + 2 + markers: past 77
+    fit = caption_fit(tokenizer, ["a red circle", tags, "a blue square"])
+    assert (fit.total, fit.limit, len(fit.too_long)) == (3, 77, 1)
+    caption, n_tokens, lost = fit.too_long[0]
+    assert caption == tags and n_tokens == len(tokenizer(tags).input_ids) > 77
+    assert lost.endswith("blue square")  # the end of the caption is what training never sees
+    kept = tokenizer(tags, truncation=True, max_length=77).input_ids
+    assert len(kept) - 2 + len(tokenizer(lost).input_ids) - 2 == n_tokens - 2  # kept + lost = the whole caption
+    assert str(fit).startswith("1 of 3 captions are longer than the text encoder's 77 tokens")
+    assert str(caption_fit(tokenizer, ["a red circle"])) == "All 1 captions fit the text encoder's 77 tokens."

@@ -271,3 +271,14 @@ def test_two_processes_train_one_model_like_accelerate_launch(tmp_path, tiny_sd_
     out = tmp_path / "finetune"
     assert [p.name for p in train.checkpoint_dirs(out / "checkpoints")] == ["step-000002", "step-000004"]
     assert (out / "final" / "model_index.json").exists()
+
+
+def test_training_says_how_many_captions_are_cut(tmp_path, tiny_sd_path, sample_dir, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(sample_dir, data)
+    import pandas as pd
+    table = pd.read_csv(data / "metadata.csv", dtype=str, keep_default_na=False)
+    table.loc[0, "text"] = ", ".join(["red circle"] * 40)
+    table.to_csv(data / "metadata.csv", index=False)
+    train.train(config(tmp_path, tiny_sd_path, data, max_steps=1))
+    assert f"1 of {len(table)} captions are longer than the text encoder's 77 tokens" in capsys.readouterr().out
