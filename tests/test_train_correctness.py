@@ -34,7 +34,8 @@ def test_final_pipeline_keeps_the_frozen_parts_and_loads_with_and_without_a_dtyp
 
 
 def test_a_non_finite_cached_latent_is_encoded_again_in_fp32_or_named(tmp_path, tiny_sd_path, sample_dir, monkeypatch):
-    data = train.CaptionedImages(sample_dir, 64, 64)
+    cfg = config(tmp_path, tiny_sd_path, sample_dir, mixed_precision="bf16", max_steps=3, val_loss_every=0)
+    data = train.cache_view(train.CaptionedImages(sample_dir, 64, 64), cfg.crop_margin)  # what the cache encodes
     hopeless = data.files.index("images/red_circle_on_white.png")
     hopeless_pixels = data[hopeless]["pixels"]
     real = train.encode_pixels
@@ -46,7 +47,7 @@ def test_a_non_finite_cached_latent_is_encoded_again_in_fp32_or_named(tmp_path, 
                 latents[j] = float("nan")  # the first of each batch overflows in half precision only
         return latents
     monkeypatch.setattr(train, "encode_pixels", overflowing)
-    result = train.train(config(tmp_path, tiny_sd_path, sample_dir, mixed_precision="bf16", max_steps=3))
+    result = train.train(cfg)
     assert list(result.skipped) == ["images/red_circle_on_white.png"]
     assert "not finite" in result.skipped["images/red_circle_on_white.png"]
     assert len(result.losses) == 3 and all(map(torch.isfinite, torch.tensor(result.losses)))
