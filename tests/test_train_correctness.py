@@ -224,7 +224,8 @@ def test_a_process_whose_micro_batch_is_all_unreadable_joins_the_all_reduce(tmp_
     dataset = train.CaptionedImages(data, 64, 64)
     first_of_rank0 = train.epoch_batches(dict(enumerate(dataset.sizes)), 1, seed=0, epoch=0)[0][0]
     (data / dataset.files[first_of_rank0]).write_bytes(b"not an image")
-    path = config(tmp_path, tiny_sd_path, data, max_steps=2, batch_size=1, cache_latents=False).save(tmp_path / "run.json")
+    path = config(tmp_path, tiny_sd_path, data, max_steps=2, batch_size=1, cache_latents=False,
+                  val_loss_every=0).save(tmp_path / "run.json")
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "sdcourse.train", "--config", str(path)],
