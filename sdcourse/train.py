@@ -1280,7 +1280,8 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
         free_memory()
         if cfg.lora_rank:
             save_lora_result(unet, final)
-            say(f"Saved the LoRA weights to {final / lora.WEIGHT_NAME} (load with pipe.load_lora_weights)")
+            say(f"Saved the LoRA weights to {final / lora.WEIGHT_NAME} (load with "
+                f"pipe.load_lora_weights(folder, weight_name=\"{lora.WEIGHT_NAME}\"))")
         else:
             save_pipeline(model_id, m, unet, final)
             say(f"Saved the fine-tuned pipeline to {final}")
