@@ -28,13 +28,18 @@ def test_prior_images_are_generated_once_and_reproducibly(pipe, tmp_path):
     assert not list((tmp_path / "prior").glob(".*"))
 
 
+def subject_and_prior(sample_dir, tmp_path, subject: tuple[str, int], prior: tuple[str, int]):
+    """Folders of subject photos and prior images: the first ``count`` sample images matching each pattern."""
+    folders = tmp_path / "instance", tmp_path / "prior"
+    for folder, (pattern, count) in zip(folders, (subject, prior)):
+        folder.mkdir()
+        for p in sorted((sample_dir / "images").glob(pattern))[:count]:
+            shutil.copy(p, folder)
+    return folders
+
+
 def test_dataset_balances_subject_and_prior(sample_dir, tmp_path):
-    instance, prior = tmp_path / "instance", tmp_path / "prior"
-    instance.mkdir(), prior.mkdir()
-    for p in sorted((sample_dir / "images").glob("red_*"))[:2]:
-        shutil.copy(p, instance)
-    for p in sorted((sample_dir / "images").glob("blue_*"))[:6]:
-        shutil.copy(p, prior)
+    instance, prior = subject_and_prior(sample_dir, tmp_path, ("red_*", 2), ("blue_*", 6))
     (instance / "notes.txt").write_text("not an image")
     out = dreambooth.build_dataset(instance, "a sks shape", prior, "a shape", tmp_path / "db")
     table = pd.read_csv(out / "metadata.csv")
@@ -46,12 +51,7 @@ def test_dataset_balances_subject_and_prior(sample_dir, tmp_path):
 
 def test_dataset_repeats_whichever_half_is_smaller(sample_dir, tmp_path):
     # 6 subject photos and 2 prior images: the prior half is the one repeated (3x), not the subject's.
-    instance, prior = tmp_path / "instance", tmp_path / "prior"
-    instance.mkdir(), prior.mkdir()
-    for p in sorted((sample_dir / "images").glob("blue_*"))[:6]:
-        shutil.copy(p, instance)
-    for p in sorted((sample_dir / "images").glob("red_*"))[:2]:
-        shutil.copy(p, prior)
+    instance, prior = subject_and_prior(sample_dir, tmp_path, ("blue_*", 6), ("red_*", 2))
     table = pd.read_csv(dreambooth.build_dataset(instance, "a sks shape", prior, "a shape", tmp_path / "db") / "metadata.csv")
     assert (table.text == "a sks shape").sum() == 6 and (table.text == "a shape").sum() == 6
     assert table[table.text == "a shape"].file_name.value_counts().tolist() == [3, 3]
