@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-# Tiny models are built once per machine into this cache (a few MB); tests never touch the hub.
+# The tiny BLIP is built once per machine into this cache (the SD miniature ships with the package);
+# tests never touch the hub.
 os.environ.setdefault("SDCOURSE_CACHE", str(Path.home() / ".cache" / "sdcourse"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -19,6 +20,16 @@ def tiny_sd_path():
 def tiny_sd_v_path():
     from sdcourse import tiny
     return tiny.sd_path("v_prediction")
+
+
+@pytest.fixture(scope="session")
+def untrained_sd_path(tmp_path_factory):
+    """The miniature's architecture with its seeded initial weights: for tests that watch learning from scratch."""
+    from sdcourse import tiny
+    folder = tmp_path_factory.mktemp("untrained-sd")
+    tiny.build_sd_pipeline("epsilon").save_pretrained(folder, safe_serialization=True)
+    tiny.to_hub_layout(folder)
+    return str(folder)
 
 
 @pytest.fixture(scope="session")
