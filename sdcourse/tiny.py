@@ -125,6 +125,7 @@ def build_sd_pipeline(prediction_type: str = "epsilon"):
         scheduler = DDIMScheduler(**common, clip_sample=False, prediction_type="v_prediction")
     else:
         scheduler = PNDMScheduler(**common, skip_prk_steps=True, prediction_type="epsilon")
+        scheduler.register_to_config(clip_sample=False)  # as in SD 1.5's file: a DDIM made from it must not clip
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
