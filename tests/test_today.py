@@ -5,7 +5,8 @@ import importlib.metadata
 import pytest
 import torch
 
-from sdcourse import runtime, train
+from sdcourse import runtime
+from sdcourse.optimizer import LossScaler
 
 # What torch.cuda answers on each GPU. A T4 says bf16 is "supported" because emulation counts.
 GPUS = {"Tesla T4": ((7, 5), True), "NVIDIA A100-SXM4-40GB": ((8, 0), True), "Tesla V100": ((7, 0), False)}
@@ -30,21 +31,21 @@ def test_half_precision_follows_compute_capability(fake_gpu, gpu, expected, tmp_
     fake_gpu(gpu)
     cuda = torch.device("cuda")
     assert runtime.pick_dtype(cuda) == expected
-    assert train.compute_dtype_for("auto", cuda) == expected
+    assert runtime.compute_dtype_for("auto", cuda) == expected
     rt = runtime.setup(smoke=False, outputs=tmp_path)
     assert rt.dtype == expected
     assert f"Compute dtype: {str(expected).removeprefix('torch.')}" in capsys.readouterr().out
     # fp16 trains with loss scaling; bf16 has fp32's range and needs none
-    assert train.LossScaler(expected == torch.float16).scale == (2.0**16 if expected == torch.float16 else 1.0)
+    assert LossScaler(expected == torch.float16).scale == (2.0**16 if expected == torch.float16 else 1.0)
 
 
 def test_bf16_asked_for_on_a_t4_is_refused_with_what_to_use(fake_gpu):
     fake_gpu("Tesla T4")
     with pytest.raises(ValueError, match=r"7\.5.*'auto' or 'fp16'"):
-        train.compute_dtype_for("bf16", torch.device("cuda"))
-    assert train.compute_dtype_for("fp16", torch.device("cuda")) == torch.float16
+        runtime.compute_dtype_for("bf16", torch.device("cuda"))
+    assert runtime.compute_dtype_for("fp16", torch.device("cuda")) == torch.float16
     fake_gpu("NVIDIA A100-SXM4-40GB")
-    assert train.compute_dtype_for("bf16", torch.device("cuda")) == torch.bfloat16
+    assert runtime.compute_dtype_for("bf16", torch.device("cuda")) == torch.bfloat16
 
 
 def test_cpu_computes_in_fp32():
