@@ -162,28 +162,28 @@ KEY, USER = "k3y-S3CRET-0123456789abcdef", "90817263"
 
 
 def test_gelbooru_credentials_are_required_sent_and_never_shown(tmp_path, monkeypatch, capsys):
-    from sdcourse import data
+    from sdcourse import data, web
     from sdcourse.practice import LocalBooru, Trouble
 
-    fast = data.HttpConfig(retries=0, backoff=0.0)
-    gelbooru = data.BooruConfig("https://gelbooru.com", api="dapi")
-    assert set(data.required_credentials(gelbooru)) == {"api_key", "user_id"}
-    assert data.required_credentials(data.BooruConfig("https://safebooru.org")) == {}
+    fast = web.HttpConfig(retries=0, backoff=0.0)
+    gelbooru = web.BooruConfig("https://gelbooru.com", api="dapi")
+    assert set(web.required_credentials(gelbooru)) == {"api_key", "user_id"}
+    assert web.required_credentials(web.BooruConfig("https://safebooru.org")) == {}
     with pytest.raises(ValueError, match="api_key and user_id.*GELBOORU_API_KEY and GELBOORU_USER_ID"):
-        data.search_booru(gelbooru, "maid", limit=5, http=fast)  # refused before any request
+        web.search_booru(gelbooru, "maid", limit=5, http=fast)  # refused before any request
     monkeypatch.setenv("GELBOORU_API_KEY", KEY)
     monkeypatch.setenv("GELBOORU_USER_ID", USER)
-    assert data.fill_credentials(gelbooru).credentials == {"api_key": KEY, "user_id": USER}
+    assert web.fill_credentials(gelbooru).credentials == {"api_key": KEY, "user_id": USER}
 
     # The practice booru answers 401 like Gelbooru unless both parameters come with every API request.
-    monkeypatch.setattr(data, "REQUIRED_CREDENTIALS", {"127.0.0.1": {"api_key": "GELBOORU_API_KEY",
-                                                                    "user_id": "GELBOORU_USER_ID"}})
+    monkeypatch.setattr(web, "REQUIRED_CREDENTIALS", {"127.0.0.1": {"api_key": "GELBOORU_API_KEY",
+                                                                   "user_id": "GELBOORU_USER_ID"}})
     with LocalBooru.from_sample(trouble=Trouble(credentials={"api_key": KEY, "user_id": USER}), lifetime=60) as booru:
-        config = data.fill_credentials(data.BooruConfig(booru.url, api="dapi", min_interval=0.0))
-        candidates = data.from_booru(config, "red_circle", tmp_path / "downloads", limit=3, http=fast)
+        config = web.fill_credentials(web.BooruConfig(booru.url, api="dapi", min_interval=0.0))
+        candidates = web.from_booru(config, "red_circle", tmp_path / "downloads", limit=3, http=fast)
         assert 401 not in booru.statuses() and len(candidates) == 3 and all(c.path for c in candidates)
-        wrong = data.BooruConfig(booru.url, api="dapi", min_interval=0.0, credentials={"api_key": "x", "user_id": USER})
-        [refused] = data.from_booru(wrong, "red_circle", tmp_path / "downloads", limit=3, http=fast)
+        wrong = web.BooruConfig(booru.url, api="dapi", min_interval=0.0, credentials={"api_key": "x", "user_id": USER})
+        [refused] = web.from_booru(wrong, "red_circle", tmp_path / "downloads", limit=3, http=fast)
         assert "HTTP 401" in refused.error and "credentials" in refused.error
     report = data.build_dataset(candidates + [refused], tmp_path / "dataset", data.CleanConfig(resolution=64))
     print(report, data.summary(report), config, [vars(c) for c in candidates])
