@@ -204,7 +204,7 @@ def training_state(step: int, optimizer, curve, ema: CpuEMA | None) -> dict:
             "last_ema": ema.step if ema is not None else None}
 
 
-def resume(checkpoint: Path, optimizer, ema: CpuEMA | None, ema_every: int, device, say=print) -> dict:
+def resume(checkpoint: Path, optimizer, ema: CpuEMA | None, ema_every: int, device, say) -> dict:
     """Put a checkpoint's optimizer state and EMA back (its weights came with the model); its training state."""
     state = torch.load(checkpoint / "training_state.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])

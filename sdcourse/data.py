@@ -8,8 +8,8 @@ every candidate once, cleans it and writes the Hugging Face ``imagefolder`` layo
     dataset/images/*.png|jpg   dataset/metadata.csv (file_name,text,tags,source)   dataset/report.csv
 
 Nothing is dropped silently: the report has one row per candidate with what happened and why.
-Every later step (captions, the caption editor, training) reads and writes the same metadata.csv
-through ``read_metadata`` and ``write_metadata``.
+The captions (``captioning``) and the caption editor (``widgets``) read and write the same
+metadata.csv through ``read_metadata`` and ``write_metadata``.
 """
 
 from __future__ import annotations

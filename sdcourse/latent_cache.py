@@ -151,7 +151,7 @@ def cache_report(cache: LatentCache, sizes: list, margin: float, seconds: float)
             f"encoded, so roughly {1 - exact / latents:.0%} of the caching time is that extra (an estimate).")
 
 
-def cache_dataset(dataset: CaptionedImages, m: Models, cfg, report, say=print) -> LatentCache:
+def cache_dataset(dataset: CaptionedImages, m: Models, cfg, report, say) -> LatentCache:
     """The cache a run (``cfg``, a ``TrainConfig``) trains from, with what it cost; then the VAE and text
     encoder go back to the CPU: from here on only the UNet needs the GPU."""
     say(f"Caching latents and text embeddings of {len(dataset)} images ...")
@@ -174,7 +174,7 @@ class MicroBatches:
     """
 
     def __init__(self, cfg, dataset: CaptionedImages, cache: LatentCache | None, held_out: list[int], m: Models,
-                 report, device: torch.device, rank: int = 0, world: int = 1):
+                 report, device: torch.device, rank: int, world: int):
         self.cfg, self.dataset, self.cache, self.m, self.report = cfg, dataset, cache, m, report
         self.device, self.rank, self.world = device, rank, world
         if cache is not None:

@@ -12,7 +12,8 @@ This file holds the settings (``TrainConfig``), the loss and the loop. Each step
 call into the module that holds it, in the order a batch meets them: ``training_set`` (captioned
 images, buckets, batches) -> ``latent_cache`` (encoded once, cropped anew each epoch) -> the loss,
 here -> ``optimizer`` (loss scaling, the fused step, the EMA) -> ``checkpoints`` (saving, resuming,
-room on the disk). What a learner watches comes from ``validation`` and ``visualization``.
+room on the disk). ``run`` holds the processes, the precision and the folders; what a learner
+watches comes from ``validation`` and ``visualization``.
 
 What makes it fit a 16 GB T4 (see ``sdcourse/memory.py`` for the arithmetic):
 latents and text embeddings are computed once and cached, then the VAE and text encoder leave the
@@ -236,12 +237,9 @@ def blank_inputs(m: Models, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tenso
 
 def micro_step(run: Run, m: Models, unet, optimizer: UNetOptimizer, inputs, micro: int, step: int,
                total_steps: int) -> float | None:
-    """Forward and backward of micro-batch number ``micro``: its loss, or None when it had no image.
-
-    On several GPUs a process whose micro-batch was all unreadable still runs a backward: the others
-    all-reduce gradients in theirs and would wait for this one forever. It joins in with a blank
-    input and a loss of weight 0.
-    """
+    """Forward and backward of micro-batch number ``micro``: its loss, or None when it had no image. On
+    several GPUs a process without images still joins the others' all-reduce of gradients (or they would
+    wait for it forever): with a blank input and a loss of weight 0."""
     cfg = run.cfg
     weight = 1.0
     if inputs is None and run.world > 1:
@@ -318,8 +316,7 @@ def train(cfg: TrainConfig, on_step=None) -> TrainResult:
 
     # The loop: an optimizer step every grad_accum micro-batches, epoch after epoch, to total_steps.
     bar = tqdm(total=total_steps, initial=step, disable=not main, desc="training", unit="step")
-    images_done, clock, step_losses = 0, time.perf_counter(), []
-    micro = step * cfg.grad_accum
+    images_done, clock, step_losses, micro = 0, time.perf_counter(), [], step * cfg.grad_accum
     try:
         while step < total_steps:
             for inputs in batches.epoch(*divmod(micro, batches.per_epoch)):

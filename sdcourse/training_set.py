@@ -128,7 +128,7 @@ class Unreadable:
     headers for buckets, encoding the cache or the validation images, loading a batch. Called as
     ``report(index, error)``; ``show=False`` (the other processes) records without printing."""
 
-    def __init__(self, dataset: CaptionedImages, show: bool = True):
+    def __init__(self, dataset: CaptionedImages, show: bool):
         self.dataset, self.show = dataset, show
         self.skipped: dict[str, str] = {}
         for i, error in dataset.unreadable.items():

@@ -108,7 +108,7 @@ class ValidationImages:
     in a notebook. The pipeline is the training UNet with the frozen parts: nothing is loaded twice.
     With ``on=False`` (the other processes, or ``validate_every=0``) ``show`` draws nothing."""
 
-    def __init__(self, model_id: str, m: Models, unet, cfg, folder: Path, device, autocast, on: bool = True):
+    def __init__(self, model_id: str, m: Models, unet, cfg, folder: Path, device, autocast, on: bool):
         self.cfg, self.folder, self.device, self.autocast = cfg, folder, device, autocast
         self.frozen = [m.vae, m.text_encoder]
         self.pipe = None
