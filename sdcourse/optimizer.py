@@ -2,9 +2,9 @@
 the learning-rate schedule, and an EMA of the weights kept in CPU memory.
 
 The fused step (``UNetOptimizer``) steps each parameter the moment its gradient is complete, so a
-full set of gradients never exists: 3.4 GB less for SD 1.5's UNet, much of what lets a full
-fine-tune fit a T4 (``memory.py`` counts it). Deciding per parameter needs a loss scaler that
-unscales and checks one gradient at a time, which ``torch.amp.GradScaler`` does not: ``LossScaler``.
+full set of gradients never exists: 3.4 GB less for SD 1.5's UNet (``memory.py`` counts it).
+Deciding per parameter needs a loss scaler that unscales and checks one gradient at a time, which
+``torch.amp.GradScaler`` does not: ``LossScaler``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Where a dataset's images come from when the learner has them: a folder, an uploaded zip, a Hugging
-Face dataset. (From the web, a list of URLs or a booru: ``web.py``.)
+"""Where a dataset's images come from: a folder (or Drive folder), an uploaded zip, a Hugging Face
+dataset read through the ``datasets`` library. Images downloaded by URL or from a booru: ``web.py``.
 
 Each source returns a list of ``data.Candidate``: a local file plus what is known about it (its
 caption from a metadata.csv or a sidecar .txt), or the reason it could not be had. Nothing is
