@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_cache.py                    # tiny model, sample data, 64 px (~1 min)
     .venv/bin/python benchmarks/bench_cache.py --model PATH --size 512 --device cuda
 
-- cache: ``train.build_cache`` over the dataset at the exact training size, with the default crop
+- cache: ``latent_cache.build_cache`` over the dataset at the exact training size, with the default crop
   margin, and with the margin and flips; seconds (best of ``--repeats``) and MiB of latents.
 - flip: for each image, z = encode(x). If the VAE commuted with mirroring, decode(flip(z)) would
   equal flip(decode(z)) and flip(z) would equal encode(flip(x)). Each difference is printed beside
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from sdcourse import tiny, train
+from sdcourse import latent_cache, models, tiny, training_set
 
 
 def cache_costs(data, m, size: int, repeats: int) -> None:
@@ -31,7 +31,7 @@ def cache_costs(data, m, size: int, repeats: int) -> None:
         seconds = []
         for _ in range(repeats):
             started = time.perf_counter()
-            cache = train.build_cache(train.cache_view(data, margin), m, 4, 0, print, flip=flip)
+            cache = latent_cache.build_cache(latent_cache.cache_view(data, margin), m, 4, 0, print, flip=flip)
             seconds.append(time.perf_counter() - started)
         mib = sum(t.numel() * t.element_size() for t in [*cache.latents.values(), *cache.flipped.values()]) / 2**20
         exact = exact or (min(seconds), mib)
@@ -40,7 +40,7 @@ def cache_costs(data, m, size: int, repeats: int) -> None:
 
 @torch.no_grad()
 def flip_equivariance(data, m) -> None:
-    from sdcourse.train import encode_pixels
+    from sdcourse.latent_cache import encode_pixels
 
     vae = m.vae
     pixels = torch.stack([data[i]["pixels"] for i in range(len(data))]).to(vae.device, vae.dtype)
@@ -70,10 +70,10 @@ def main() -> None:
     from sdcourse.sample_data import sample_dataset_dir
 
     model = args.model or tiny.sd_path("epsilon")
-    m = train.load_models(model, torch.float32 if args.device == "cpu" else torch.float16)
+    m = models.load_models(model, torch.float32 if args.device == "cpu" else torch.float16)
     m.vae.to(args.device)
     m.text_encoder.to(args.device)
-    data = train.CaptionedImages(args.data or sample_dataset_dir(), args.size, args.size, crop="center")
+    data = training_set.CaptionedImages(args.data or sample_dataset_dir(), args.size, args.size, crop="center")
     print(f"model: {model}; VAE {sum(p.numel() for p in m.vae.parameters()):,} parameters; device {args.device}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     cache_costs(data, m, args.size, args.repeats)

@@ -34,14 +34,14 @@ def photo_like_jpegs(folder: Path, count: int) -> None:
 
 
 def bench_clean(count: int) -> None:
-    from sdcourse import data
+    from sdcourse import data, sources
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
         src.mkdir()
         photo_like_jpegs(src, count)
         start = time.perf_counter()
-        data.build_dataset(data.from_folder(src), Path(tmp) / "ours", data.CleanConfig(resolution=512))
+        data.build_dataset(sources.from_folder(src), Path(tmp) / "ours", data.CleanConfig(resolution=512))
         ours = count / (time.perf_counter() - start)
         naive_out = Path(tmp) / "naive"
         naive_out.mkdir()

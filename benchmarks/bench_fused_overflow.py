@@ -16,6 +16,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from sdcourse import tiny, train
+from sdcourse.optimizer import LossScaler, UNetOptimizer
 
 
 def run(fused: bool, steps: int, every: int, device: str) -> tuple[list[float], int]:
@@ -23,7 +24,7 @@ def run(fused: bool, steps: int, every: int, device: str) -> tuple[list[float], 
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(device).train()
     unet.enable_gradient_checkpointing()
-    optimizer = train.UNetOptimizer(list(unet.parameters()), "adamw", 2e-3, train.LossScaler(True), fused)
+    optimizer = UNetOptimizer(list(unet.parameters()), "adamw", 2e-3, LossScaler(True), fused)
     gen = torch.Generator().manual_seed(0)
     latents, embeddings = (torch.randn(4, 4, 8, 8, generator=gen).to(device),
                            torch.randn(4, 77, 32, generator=gen).to(device))

@@ -69,7 +69,8 @@ def one_row(recipe: str, ema: bool, batch: int, steps: int) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from sdcourse.memory import SD15_UNET_CONFIG
-    from sdcourse.train import LossScaler, UNetOptimizer, diffusion_loss, make_adamw
+    from sdcourse.optimizer import LossScaler, UNetOptimizer, make_adamw
+    from sdcourse.train import diffusion_loss
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -25,7 +25,10 @@ import torch.nn.functional as F
 
 from sdcourse import tiny
 from sdcourse.sample_data import sample_dataset_dir
-from sdcourse.train import CaptionedImages, TrainConfig, collate, encode_pixels, encode_texts, load_models, train
+from sdcourse.latent_cache import encode_pixels, encode_texts
+from sdcourse.models import load_models
+from sdcourse.train import TrainConfig, train
+from sdcourse.training_set import CaptionedImages, collate
 
 STEPS = 27  # three epochs of the 36 sample images at batch 4
 

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .data import read_metadata, write_metadata
+
 # Booru tags about the file or the site, not about what is in the picture.
 META_TAGS = frozenset("""
     highres absurdres incredibly_absurdres lowres huge_filesize commentary commentary_request translated
@@ -141,8 +143,6 @@ def caption_dataset(captioner: Captioner, dataset_dir: str | Path, config: Capti
     Without ``overwrite`` only empty captions are filled, so an interrupted run resumes where it
     stopped (progress is saved every ``save_every`` images). Sidecar .txt files are kept in step.
     """
-    from .data import write_metadata
-
     dataset_dir = Path(dataset_dir)
     table, todo = _rows_to_caption(dataset_dir, config)
     if todo.empty:
@@ -172,8 +172,6 @@ def caption_dataset(captioner: Captioner, dataset_dir: str | Path, config: Capti
 
 def caption_from_tags(dataset_dir: str | Path, config: CaptionConfig = CaptionConfig()):
     """Tag-style captions (``tags_to_caption``) from the ``tags`` column, with the same rules as BLIP's."""
-    from .data import write_metadata
-
     table, todo = _rows_to_caption(Path(dataset_dir), config)
     tagged = todo[table.loc[todo, "tags"].str.strip() != ""] if "tags" in table.columns else todo[:0]
     table.loc[tagged, config.column] = [with_affixes(tags_to_caption(tags), config) for tags in table.loc[tagged, "tags"]]
@@ -184,8 +182,6 @@ def caption_from_tags(dataset_dir: str | Path, config: CaptionConfig = CaptionCo
 
 def _rows_to_caption(dataset_dir: Path, config: CaptionConfig):
     """The metadata table and the index of the rows to caption: all with ``overwrite``, else the empty ones."""
-    from .data import read_metadata
-
     table = read_metadata(dataset_dir)
     if config.column not in table.columns:
         table[config.column] = ""

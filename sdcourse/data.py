@@ -1,45 +1,35 @@
 """Turn whatever images a learner has into a clean image-caption dataset.
 
-Sources each return a list of ``Candidate`` (a local file plus what is known about it, or why it
-could not be fetched): a folder or Drive folder, an uploaded zip, a list of URLs, a booru-style
-JSON API, a Hugging Face dataset. ``build_dataset`` decodes every candidate once, cleans it and
-writes the Hugging Face ``imagefolder`` layout::
+Sources (``sources.py``: a folder or Drive folder, an uploaded zip, a Hugging Face dataset;
+``web.py``: a list of URLs, a booru-style JSON API) each return a list of ``Candidate`` (a
+local file plus what is known about it, or why it could not be fetched). ``build_dataset`` decodes
+every candidate once, cleans it and writes the Hugging Face ``imagefolder`` layout::
 
     dataset/images/*.png|jpg   dataset/metadata.csv (file_name,text,tags,source)   dataset/report.csv
 
 Nothing is dropped silently: the report has one row per candidate with what happened and why.
+The captions (``captioning``) and the caption editor (``widgets``) read and write the same
+metadata.csv through ``read_metadata`` and ``write_metadata``.
 """
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import os
 import re
 import shutil
-import threading
-import time
 import unicodedata
 import warnings
-import zipfile
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from itertools import islice
-from pathlib import Path, PurePosixPath
-from urllib.parse import urlsplit
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .captioning import tags_to_caption
-
-TEXT_SUFFIXES = {".txt", ".csv", ".json", ".jsonl"}  # captions and metadata, not images
-VIDEO_SUFFIXES = {".mp4", ".webm", ".zip", ".swf"}  # booru posts we skip without downloading (.zip: ugoira)
 LOSSLESS_FORMATS = {"PNG", "GIF", "BMP", "TIFF"}
 KEEP_AS_IS_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}  # copied byte for byte when nothing changed
-RETRY_STATUSES = {429, 500, 502, 503, 504}
 
 
 @dataclass
@@ -54,17 +44,7 @@ class Candidate:
     note: str = ""            # something the report should mention (e.g. a caption's encoding)
 
 
-# --- Sources: local files -------------------------------------------------------------------------
-
-def read_caption_file(path: Path) -> tuple[str, str]:
-    """A caption file's text and a note: UTF-8 (with or without BOM); other bytes become U+FFFD, noted."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig").strip(), ""
-    except UnicodeDecodeError:
-        return raw.decode("utf-8", errors="replace").strip(), (
-            f"{path.name} is not UTF-8: undecodable bytes became U+FFFD; re-save it as UTF-8 or fix the caption in notebook 02")
-
+# --- metadata.csv ---------------------------------------------------------------------------------
 
 def read_metadata(dataset_dir: str | Path) -> pd.DataFrame:
     """``metadata.csv`` as strings (empty captions stay empty strings, not NaN)."""
@@ -89,395 +69,6 @@ def write_metadata(dataset_dir: str | Path, table: pd.DataFrame, sidecars: bool 
             if sidecars or txt.exists():
                 txt.write_text(text, encoding="utf-8")
     return path
-
-
-def from_folder(folder: str | Path) -> list[Candidate]:
-    """Every file under ``folder`` (recursive), with captions from its metadata.csv or sidecar .txt files.
-
-    Hidden files and ``__MACOSX`` folders are skipped. Rows of metadata.csv that name missing files
-    become report entries rather than errors.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"No folder at {folder}. In Colab, mount Drive first and check the path in the file browser.")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(
-        part.startswith(".") or part == "__MACOSX" for part in p.relative_to(folder).parts))
-    images = [p for p in files if p.suffix.lower() not in TEXT_SUFFIXES]
-    if not images:
-        raise ValueError(f"{folder} holds no files to use (found {len(files)} caption/metadata files only)."
-                         if files else f"{folder} is empty: put images in it (sub-folders are fine).")
-    listed: dict[Path, str] = {}
-    candidates = []
-    if (folder / "metadata.csv").exists():
-        table = read_metadata(folder)
-        for name, text in zip(table["file_name"], table.get("text", [""] * len(table))):
-            path = folder / name
-            if path.is_file():
-                listed[path] = text
-            else:
-                candidates.append(Candidate(source=f"metadata.csv: {name}", error="listed in metadata.csv but the file is missing"))
-    for path in images:
-        candidate = Candidate(source=str(path.relative_to(folder)), path=path, text=listed.get(path, ""))
-        sidecar = path.with_suffix(".txt")
-        if path not in listed and sidecar.is_file():
-            candidate.text, candidate.note = read_caption_file(sidecar)
-        candidates.append(candidate)
-    return candidates
-
-
-def extract_zip(zip_path: str | Path, target: str | Path, max_bytes: int = 200 * 2**20) -> list[Candidate]:
-    """Extract an uploaded zip safely, then read it as a folder.
-
-    Entries that would land outside ``target`` (``../``, absolute paths) and entries larger than
-    ``max_bytes`` are not extracted but listed in the report.
-    """
-    target = Path(target).resolve()
-    target.mkdir(parents=True, exist_ok=True)
-    refused = []
-    with zipfile.ZipFile(zip_path) as archive:
-        for entry in archive.infolist():
-            dest = (target / entry.filename).resolve()
-            if entry.filename.startswith(("/", "\\")) or not dest.is_relative_to(target) or dest == target:
-                refused.append(Candidate(source=f"{Path(zip_path).name}: {entry.filename}",
-                                         error="zip entry points outside the target folder; not extracted"))
-            elif entry.file_size > max_bytes:
-                refused.append(Candidate(source=f"{Path(zip_path).name}: {entry.filename}",
-                                         error=f"zip entry is {entry.file_size / 2**20:.0f} MiB, over the {max_bytes / 2**20:.0f} MiB cap"))
-            elif not entry.is_dir():
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with archive.open(entry) as src, open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out)
-    return refused + from_folder(target)
-
-
-# --- Sources: HTTP --------------------------------------------------------------------------------
-
-class FetchError(Exception):
-    """A download that failed for good (after retries, or not worth retrying)."""
-
-
-def retry_after_seconds(header: str | None, default: float) -> float:
-    """Seconds to wait from a Retry-After header (seconds or an HTTP date), else ``default``."""
-    if not header:
-        return default
-    if header.strip().isdigit():
-        return float(header)
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(header).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return default
-
-
-class RateLimiter:
-    """At most one call per ``min_interval`` seconds, across threads."""
-
-    def __init__(self, min_interval: float):
-        self.min_interval = min_interval
-        self._next = 0.0
-        self._lock = threading.Lock()
-
-    def wait(self) -> None:
-        with self._lock:
-            now = time.monotonic()
-            delay = self._next - now
-            self._next = max(now, self._next) + self.min_interval
-        if delay > 0:
-            time.sleep(delay)
-
-
-@dataclass
-class HttpConfig:
-    timeout: tuple[float, float] = (10.0, 60.0)  # seconds to connect, seconds between bytes
-    retries: int = 4          # extra attempts after 429, 5xx and network errors
-    backoff: float = 1.0      # first wait in seconds, doubled each attempt (unless Retry-After says otherwise)
-    max_wait: float = 120.0   # never sleep longer than this for one retry
-    max_bytes: int = 50 * 2**20  # larger downloads are aborted
-    workers: int = 4          # parallel downloads
-    user_agent: str = "sdcourse dataset builder (https://github.com/sdcourse/sdcourse)"
-
-
-def new_session(config: HttpConfig):
-    import requests
-
-    session = requests.Session()
-    session.headers["User-Agent"] = config.user_agent
-    return session
-
-
-def get_with_retries(session, url: str, handle, config: HttpConfig, params: dict | None = None,
-                     limiter: RateLimiter | None = None):
-    """GET ``url`` and return ``handle(response)``; retry 429/5xx and network errors with back-off.
-
-    Other HTTP errors (404, 403...) are not retried. Raises FetchError when it gives up.
-    """
-    import requests
-
-    error = ""
-    for attempt in range(config.retries + 1):
-        wait = config.backoff * 2 ** attempt
-        if limiter:
-            limiter.wait()
-        try:
-            with session.get(url, params=params, timeout=config.timeout, stream=True) as response:
-                if response.status_code in RETRY_STATUSES:
-                    error = f"HTTP {response.status_code} {response.reason}"
-                    wait = retry_after_seconds(response.headers.get("Retry-After"), wait)
-                elif response.status_code >= 400:
-                    raise FetchError(f"HTTP {response.status_code} {response.reason}")
-                else:
-                    return handle(response)
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-            error = type(e).__name__  # its message repeats the URL, which may carry an API key
-        if attempt < config.retries:
-            time.sleep(min(wait, config.max_wait))
-    raise FetchError(f"{error} (gave up after {config.retries + 1} attempts)")
-
-
-def url_file_name(url: str) -> str:
-    """A safe, stable local file name for a URL: a readable part plus a hash of the whole URL."""
-    path = PurePosixPath(urlsplit(url).path)
-    suffix = path.suffix.lower() if re.fullmatch(r"\.[a-z0-9]{2,5}", path.suffix.lower()) else ".img"
-    return f"{safe_stem(path.stem)}_{_short_hash(url)}{suffix}"
-
-
-def is_valid_image(path: Path) -> bool:
-    try:
-        with Image.open(path) as img:
-            img.verify()
-        return True
-    except Exception:  # any decoding failure means "fetch it again"
-        return False
-
-
-def download(session, url: str, dest: Path, config: HttpConfig) -> Path:
-    """Fetch ``url`` into ``dest`` (via a .part file) unless a valid image is already there."""
-    if dest.exists() and is_valid_image(dest):
-        return dest
-    part = dest.with_name(dest.name + ".part")
-
-    def save(response):
-        size = int(response.headers.get("Content-Length") or 0)
-        if size > config.max_bytes:
-            raise FetchError(f"{size / 2**20:.1f} MiB, over the {config.max_bytes / 2**20:.0f} MiB cap")
-        written = 0
-        with open(part, "wb") as out:
-            for chunk in response.iter_content(1 << 16):
-                written += len(chunk)
-                if written > config.max_bytes:
-                    raise FetchError(f"over the {config.max_bytes / 2**20:.0f} MiB cap; aborted")
-                out.write(chunk)
-
-    try:
-        get_with_retries(session, url, save, config)
-        os.replace(part, dest)
-    finally:
-        part.unlink(missing_ok=True)
-    return dest
-
-
-def download_all(jobs: list[tuple[Candidate, str, str]], folder: Path, config: HttpConfig, session=None) -> list[Candidate]:
-    """Download each (candidate, url, file name) into ``folder`` in parallel; failures are recorded on the candidate."""
-    folder.mkdir(parents=True, exist_ok=True)
-    session = session or new_session(config)
-
-    def fetch(job):
-        candidate, url, file_name = job
-        try:
-            candidate.path = download(session, url, folder / file_name, config)
-        except (FetchError, OSError) as e:
-            candidate.error = f"download failed: {e}"
-        return candidate
-
-    with ThreadPoolExecutor(config.workers) as pool:
-        return list(tqdm(pool.map(fetch, jobs), total=len(jobs), desc="Downloading", unit="img"))
-
-
-def from_urls(urls: list[str], folder: str | Path, config: HttpConfig = HttpConfig()) -> list[Candidate]:
-    """Download a list of image URLs (blank lines and # comments ignored); resumable."""
-    urls = [u.strip() for u in urls if u.strip() and not u.strip().startswith("#")]
-    return download_all([(Candidate(source=u), u, url_file_name(u)) for u in urls], Path(folder), config)
-
-
-# --- Sources: a booru-style API -------------------------------------------------------------------
-
-@dataclass
-class BooruConfig:
-    url: str = "https://safebooru.org"
-    api: str = "dapi"            # "dapi" (Gelbooru, Safebooru: index.php?page=dapi) or "danbooru" (/posts.json)
-    page_size: int = 100         # posts per API request (sites cap it; Danbooru at 200)
-    min_interval: float = 1.0    # seconds between API requests: stay well under the site's rate limit
-    prefer_sample: bool = True   # the site's resized copy (~850 px) instead of the original: 5-10x less to download
-    credentials: dict = field(default_factory=dict, repr=False)  # API key parameters; sent to this API only, never printed
-
-
-# Sites whose API answers 401 Unauthorized without these parameters (Gelbooru since 2025):
-# site -> {API parameter: the Colab secret or environment variable that holds it}.
-REQUIRED_CREDENTIALS = {"gelbooru.com": {"api_key": "GELBOORU_API_KEY", "user_id": "GELBOORU_USER_ID"}}
-CREDENTIALS_PAGE = {"gelbooru.com": "https://gelbooru.com/index.php?page=account&s=options"}
-
-
-def required_credentials(config: BooruConfig) -> dict[str, str]:
-    """{API parameter: secret name} that ``config.url``'s site requires: api_key and user_id for Gelbooru."""
-    host = (urlsplit(config.url).hostname or "").lower()
-    return next((names for site, names in REQUIRED_CREDENTIALS.items() if host == site or host.endswith("." + site)), {})
-
-
-def fill_credentials(config: BooruConfig) -> BooruConfig:
-    """Put the site's required credentials into ``config.credentials``, each read by ``runtime.read_secret``
-    (a Colab secret, else an environment variable, else hidden input): for Gelbooru ``GELBOORU_API_KEY``
-    and ``GELBOORU_USER_ID``. Nothing is printed."""
-    from .runtime import read_secret
-
-    for name, secret in required_credentials(config).items():
-        if not config.credentials.get(name):
-            config.credentials[name] = read_secret(secret)
-    return config
-
-
-def _missing_credentials_message(config: BooruConfig, missing) -> str:
-    host = (urlsplit(config.url).hostname or "").lower()
-    page = next((url for site, url in CREDENTIALS_PAGE.items() if host.endswith(site)), "the site's account settings")
-    secrets = " and ".join(required_credentials(config)[name] for name in missing)
-    return (f"{host} answers 401 without {' and '.join(missing)}: copy them from {page} (logged in, under 'API "
-            f"Access Credentials') into Colab secrets (or environment variables) named {secrets}, which "
-            "data.fill_credentials reads (notebook 01 calls it), or pass BooruConfig(credentials={...}).")
-
-
-@dataclass
-class Post:
-    id: int
-    file_url: str
-    tags: str
-    source: str
-
-
-def parse_posts(payload, config: BooruConfig) -> list[Post]:
-    """Posts from one API page: Danbooru's list, Safebooru's list or Gelbooru's {"post": [...]}."""
-    if isinstance(payload, dict):
-        payload = payload.get("post", [])
-    posts = []
-    for raw in payload or []:
-        if config.api == "danbooru":
-            url = (config.prefer_sample and raw.get("large_file_url")) or raw.get("file_url") or ""
-            tags = raw.get("tag_string", "")
-        else:
-            url = (config.prefer_sample and raw.get("sample_url")) or raw.get("file_url") or ""
-            if not url and raw.get("directory") and raw.get("image"):
-                url = f"{config.url.rstrip('/')}/images/{raw['directory']}/{raw['image']}"
-            tags = raw.get("tags", "")
-        if url.startswith("//"):
-            url = "https:" + url
-        posts.append(Post(id=int(raw["id"]), file_url=url, tags=" ".join(tags.split()), source=raw.get("source") or ""))
-    return posts
-
-
-def page_request(config: BooruConfig, tags: str, page: int) -> tuple[str, dict]:
-    """URL and parameters of result page ``page`` (0-based) for ``tags``."""
-    base = config.url.rstrip("/")
-    if not base.startswith(("https://", "http://")):  # requests' own error would print the URL, API key included
-        raise ValueError(f"BooruConfig.url must start with https://, got {base!r}")
-    if config.api == "danbooru":
-        return f"{base}/posts.json", {"tags": tags, "page": page + 1, "limit": config.page_size}
-    if config.api == "dapi":
-        return f"{base}/index.php", {"page": "dapi", "s": "post", "q": "index", "json": 1,
-                                     "tags": tags, "pid": page, "limit": config.page_size}
-    raise ValueError(f"BooruConfig.api must be 'danbooru' or 'dapi', got {config.api!r}")
-
-
-def search_booru(config: BooruConfig, tags: str, limit: int, http: HttpConfig = HttpConfig(),
-                 session=None) -> tuple[list[Post], list[Candidate]]:
-    """Up to ``limit`` distinct posts matching ``tags``, page by page at most one request per ``min_interval``.
-
-    Returns the posts and report entries for pages that failed (paging stops at the first one).
-    """
-    def parse(response):
-        try:
-            return parse_posts(response.json() if response.content.strip() else [], config)
-        except ValueError as e:
-            raise FetchError(f"not a JSON page of posts ({e})") from None
-
-    missing = [name for name in required_credentials(config) if not config.credentials.get(name)]
-    if missing:
-        raise ValueError(_missing_credentials_message(config, missing))
-    session = session or new_session(http)
-    limiter = RateLimiter(config.min_interval)
-    posts: dict[int, Post] = {}
-    failed = []
-    page = 0
-    while len(posts) < limit:
-        url, params = page_request(config, tags, page)
-        try:
-            found = get_with_retries(session, url, parse, http, params={**params, **config.credentials}, limiter=limiter)
-        except FetchError as e:
-            hint = " (this API wants credentials: BooruConfig(credentials=...))" if "HTTP 401" in str(e) else ""
-            failed.append(Candidate(source=f"{url} tags={tags!r} page {page}", error=f"API page failed: {e}{hint}"))
-            break
-        for post in found:
-            posts.setdefault(post.id, post)  # pages shift while new posts arrive: keep each post once
-        if len(found) < config.page_size:
-            break
-        page += 1
-    return list(posts.values())[:limit], failed
-
-
-def from_booru(config: BooruConfig, tags: str, folder: str | Path, limit: int, tag_captions: bool = False,
-               http: HttpConfig = HttpConfig()) -> list[Candidate]:
-    """Search a booru, download the posts' images (skipping files already there), keep tags and source.
-
-    ``tag_captions`` puts a tag-style caption (``captioning.tags_to_caption``) in ``text``.
-    """
-    session = new_session(http)
-    posts, failed = search_booru(config, tags, limit, http, session)
-    jobs, skipped = [], []
-    for post in posts:
-        candidate = Candidate(source=f"{config.url.rstrip('/')} post {post.id}", tags=post.tags, origin=post.source,
-                              text=tags_to_caption(post.tags) if tag_captions else "")
-        suffix = PurePosixPath(urlsplit(post.file_url).path).suffix.lower()
-        if not post.file_url:
-            candidate.error = "post has no file URL (deleted, or restricted to logged-in users)"
-            skipped.append(candidate)
-        elif suffix in VIDEO_SUFFIXES:
-            candidate.error = f"post is a {suffix} file (video or animation), not a still image; not downloaded"
-            skipped.append(candidate)
-        else:
-            jobs.append((candidate, post.file_url, f"post_{post.id}{suffix or '.img'}"))
-    return failed + skipped + download_all(jobs, Path(folder), http, session)
-
-
-# --- Sources: a Hugging Face dataset --------------------------------------------------------------
-
-def from_hf_dataset(name: str, folder: str | Path, split: str = "train", image_column: str = "image",
-                    text_column: str | None = None, limit: int | None = None, **load_kwargs) -> list[Candidate]:
-    """Stream a Hugging Face dataset and write its images' original bytes to ``folder``.
-
-    Streaming fetches only the ``limit`` rows used. ``load_kwargs`` go to ``datasets.load_dataset``
-    (e.g. ``data_dir=`` for a local ``imagefolder``).
-    """
-    import datasets
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = datasets.load_dataset(name, split=split, streaming=True, **load_kwargs)
-    columns = rows.column_names  # None when a streamed dataset does not declare its features
-    for wanted in (image_column, text_column):
-        if wanted and columns is not None and wanted not in columns:
-            raise ValueError(f"{name} has no column {wanted!r}; its columns are {columns}")
-    rows = rows.cast_column(image_column, datasets.Image(decode=False))  # keep the original bytes: decode once, later
-    candidates = []
-    for i, row in enumerate(tqdm(islice(rows, limit), total=limit, desc=f"Reading {name}", unit="img")):
-        image = row[image_column]
-        local = image.get("path") and Path(image["path"]).is_file()
-        if image.get("bytes") or local:
-            dest = folder / f"{i:06d}{Path(image.get('path') or '').suffix.lower() or '.img'}"
-            if not dest.exists():
-                dest.write_bytes(image["bytes"] or Path(image["path"]).read_bytes())
-        else:  # a file in a remote repository: let datasets open it (with the hub token, if any)
-            dest = folder / f"{i:06d}.png"
-            if not dest.exists():
-                datasets.Image().decode_example(image).save(dest)
-        text = row.get(text_column) if text_column else ""
-        candidates.append(Candidate(source=f"{name}[{split}][{i}]", path=dest, text=str(text or "")))
-    return candidates
 
 
 # --- Cleaning -------------------------------------------------------------------------------------
@@ -609,7 +200,7 @@ def safe_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9-]+", "_", ascii_name).strip("_")[:60] or "image"
 
 
-def _short_hash(text: str) -> str:
+def short_hash(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
@@ -621,7 +212,7 @@ def _printable(text: str) -> str:
 def output_name(candidate: Candidate, suffix: str) -> str:
     """Stable, unique, safe: the input's readable stem plus a hash of where it came from."""
     stem = Path(candidate.path).stem if candidate.path else candidate.source
-    return f"images/{safe_stem(stem)}_{_short_hash(candidate.source)}{suffix}"
+    return f"images/{safe_stem(stem)}_{short_hash(candidate.source)}{suffix}"
 
 
 def clean_one(candidate: Candidate, out_dir: Path, config: CleanConfig, duplicates: DuplicateFinder) -> dict:

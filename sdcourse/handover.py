@@ -164,7 +164,7 @@ def plan_checkpoints(cfg, rt: Runtime, on_colab_disk: bool = True) -> None:
     """Say what a checkpoint weighs and how many fit, and, when the outputs are on Drive and
     ``on_colab_disk``, keep the resumable checkpoints on the runtime's own disk (keep_checkpoints=1)
     with a copy of the newest on Drive every 4 checkpoints: what a free Drive can hold."""
-    from .train import checkpoint_bytes
+    from .checkpoints import checkpoint_bytes
 
     print("What a resumable checkpoint weighs, computed from parameter counts (not measured): fp32 UNet + "
           f"{'8-bit ' if cfg.optimizer == 'adamw8bit' else ''}AdamW states")

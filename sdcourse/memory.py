@@ -143,3 +143,12 @@ def estimate_peak(unet, frozen_params: int, *, batch_size: int, width: int, heig
         "activations": per_image * scale * batch_size * half / 4,
     }
     return MemoryEstimate(parts)
+
+
+def explain_oom(cfg, estimate: MemoryEstimate) -> str:
+    """What to do when a run (``cfg``, a ``TrainConfig``) ran out of GPU memory after all."""
+    return (f"Out of GPU memory (estimated peak {estimate.total:.1f} GiB for batch_size={cfg.batch_size}, "
+            f"{cfg.width}x{cfg.height}). Settings that use less, in order of effect: batch_size=1 with "
+            f"grad_accum={cfg.batch_size} (same effective batch), gradient_checkpointing=True, "
+            "optimizer='adamw8bit', fused_step=True, cache_latents=True, a smaller width/height. "
+            "Restart the runtime first to release the memory; training resumes from the last checkpoint.")

@@ -2,13 +2,16 @@
 
 Model ids are configuration: a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``) or a local
 folder in the same layout. In smoke mode, ``resolve`` swaps a preset for its tiny stand-in; the
-loading code below is the same either way.
+loading code below is the same either way: ``load_pipeline`` for sampling, ``load_models`` for
+training, which handles the five parts one by one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from . import tiny
 
@@ -105,3 +108,39 @@ def load_pipeline(model_id: str, dtype=None, device=None, **kwargs):
     except (OSError, ValueError) as e:  # the hub errors derive from OSError / HTTPError
         raise explain_load_error(model_id, e) from e
     return pipe.to(device) if device is not None else pipe
+
+
+@dataclass
+class Models:
+    """A Stable Diffusion model in the parts training handles one by one."""
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object  # DDPMScheduler: adds noise and defines the target
+
+
+def load_models(model_id: str, frozen_dtype: torch.dtype, prediction_type: str | None = None,
+                unet_from: str | Path | None = None) -> Models:
+    """The five parts of a Stable Diffusion repository (or folder), the same calls for both.
+
+    ``unet_from``: a checkpoint folder to take the UNet from instead (when resuming).
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder", torch_dtype=frozen_dtype,
+                                                     use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=frozen_dtype, use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(unet_from or model_id, subfolder="unet", torch_dtype=torch.float32,
+                                                    use_safetensors=True)
+        noise_scheduler = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler")
+    except (OSError, ValueError) as e:
+        raise explain_load_error(model_id, e) from e
+    if prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=prediction_type)
+    text_encoder.requires_grad_(False).eval()
+    vae.requires_grad_(False).eval()
+    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler)

@@ -69,6 +69,19 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if has_native_bf16(device) else torch.float16
 
 
+def compute_dtype_for(setting: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for a ``mixed_precision`` setting; an error for one this device cannot do well."""
+    if setting == "auto":
+        return pick_dtype(device)
+    if setting == "fp16" and device.type != "cuda":
+        raise ValueError("mixed_precision='fp16' needs a GPU; on a CPU use 'fp32' (or 'bf16').")
+    if setting == "bf16" and device.type == "cuda" and not has_native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"mixed_precision='bf16' needs a GPU of compute capability 8.0 or newer; this one is "
+                         f"{major}.{minor} (a T4 is 7.5) and would only emulate it, slowly. Use 'auto' or 'fp16'.")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[setting]
+
+
 def default_outputs(use_drive: bool) -> Path:
     """$SDCOURSE_OUTPUTS, else Drive's MyDrive/sdcourse when mounted, else ./outputs next to the notebooks."""
     if "SDCOURSE_OUTPUTS" in os.environ:

@@ -22,7 +22,11 @@ import torch
 from safetensors.torch import save_file
 
 from . import models
-from .train import CaptionedImages, LossScaler, compute_dtype_for, diffusion_loss, encode_pixels, load_models, step_seed
+from .latent_cache import encode_pixels
+from .optimizer import LossScaler
+from .runtime import compute_dtype_for
+from .train import diffusion_loss, step_seed
+from .training_set import CaptionedImages
 
 # Captions are made from templates so the token learns what the images share, not their captions.
 TEMPLATES = {
@@ -85,7 +89,7 @@ def train_embedding(cfg: TIConfig, on_step=None) -> TIResult:
     # Loaded in fp32, never through a half-precision copy: the text encoder's embedding table holds
     # the one trained vector and Adam's state (and every other word's exact row); the VAE encodes the
     # few images once, and fp32 cannot overflow there.
-    m = load_models(models.resolve(cfg.model, smoke=False), frozen_dtype=torch.float32)
+    m = models.load_models(models.resolve(cfg.model, smoke=False), frozen_dtype=torch.float32)
     m.text_encoder.to(device)
     m.unet.requires_grad_(False).to(device)
     if dtype != torch.float32:  # frozen: no fp32 master copy needed

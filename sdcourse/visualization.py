@@ -1,4 +1,5 @@
-"""Pictures: labelled image grids saved with their settings, latent previews, GIFs, plots.
+"""Pictures: labelled image grids saved with their settings, latent previews, GIFs, plots, and the
+live loss curve of a training run.
 
 Every grid is a plain PIL image (shown inline by Jupyter, saved as PNG); every plot is a matplotlib
 figure with a title and labelled axes.
@@ -7,8 +8,10 @@ figure with a title and labelled axes.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -227,3 +230,77 @@ def plot_attention_maps(image: Image.Image, tokens: list[str], maps: torch.Tenso
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and "IPKernelApp" in shell.config
+
+
+class LossCurve:
+    """Training and validation loss per step, redrawn in place in a notebook (one output, updated);
+    saved as a PNG at the end.
+
+    ``steps``/``losses`` are this session's; ``state_dict`` holds the whole run (earlier sessions
+    included), travels in every checkpoint and comes back on resume, so the curve shows the whole run.
+    """
+
+    def __init__(self, live: bool, held_out: bool = True):
+        import matplotlib.pyplot as plt
+
+        self.fig, (self.ax, self.val_ax) = plt.subplots(1, 2, figsize=(11, 3))
+        plt.close(self.fig)  # drawn only through the display handle, never twice
+        self.ax.set(xlabel="step", ylabel="loss (MSE)", title="Training loss")
+        (self.raw,) = self.ax.plot([], [], lw=0.8, alpha=0.4, label="per step")
+        (self.smooth,) = self.ax.plot([], [], lw=2, label="moving average")
+        self.ax.legend(loc="upper right")
+        which = "held-out images" if held_out else "fixed training images"
+        self.val_ax.set(xlabel="step", ylabel="loss (MSE)", title=f"Validation loss ({which}, fixed t and noise)")
+        (self.val_line,) = self.val_ax.plot([], [], "o-", color="C2", ms=3)
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.earlier_steps: list[int] = []   # earlier sessions of this run, from the checkpoint
+        self.earlier_losses: list[float] = []
+        self.val_steps: list[int] = []       # the whole run
+        self.val_losses: list[float] = []
+        self.handle, self.drawn_at = None, 0.0
+        if live and in_notebook():
+            from IPython.display import display
+            self.handle = display(self.fig, display_id=True)
+
+    def add(self, step: int, loss: float) -> None:
+        self.steps.append(step)
+        self.losses.append(loss)
+
+    def add_validation(self, step: int, loss: float) -> None:
+        self.val_steps.append(step)
+        self.val_losses.append(loss)
+
+    def state_dict(self) -> dict:
+        return {"steps": self.earlier_steps + self.steps, "losses": self.earlier_losses + self.losses,
+                "val_steps": list(self.val_steps), "val_losses": list(self.val_losses)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.earlier_steps, self.earlier_losses = list(state["steps"]), list(state["losses"])
+        self.val_steps, self.val_losses = list(state["val_steps"]), list(state["val_losses"])
+
+    def draw(self, force: bool = False) -> None:
+        # Rendering the figure takes a good fraction of a second: at most every 2 s, whatever the step rate.
+        if not self.losses or (not force and time.perf_counter() - self.drawn_at < 2.0):
+            return
+        self.drawn_at = time.perf_counter()
+        steps, losses = self.earlier_steps + self.steps, self.earlier_losses + self.losses
+        window = max(1, len(losses) // 20)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        self.raw.set_data(steps, losses)
+        self.smooth.set_data(steps[window - 1:], smooth)
+        self.val_line.set_data(self.val_steps, self.val_losses)
+        for ax in (self.ax, self.val_ax):
+            ax.relim()
+            ax.autoscale_view()
+        if self.handle is not None:
+            self.handle.update(self.fig)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdcourse import models, sampling, train
+from sdcourse import latent_cache, models, sampling, train, training_set
 from sdcourse.course import NOTEBOOKS
 
 SAMPLING_LOOP_CELL = ("00_how_stable_diffusion_works.ipynb", "b7c1a002")
@@ -62,17 +62,17 @@ def test_guidance_and_negative_prompt_by_hand_match_the_pipeline(pipe, generate_
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_training_step_by_hand_equals_the_library_loss(tiny_sd_path, tiny_sd_v_path, sample_dir, prediction_type):
     model = tiny_sd_path if prediction_type == "epsilon" else tiny_sd_v_path
-    m = train.load_models(model, frozen_dtype=torch.float32)
-    dataset = train.CaptionedImages(sample_dir, 64, 64)
-    batch = train.collate([dataset[i] for i in range(4)])
+    m = models.load_models(model, frozen_dtype=torch.float32)
+    dataset = training_set.CaptionedImages(sample_dir, 64, 64)
+    batch = training_set.collate([dataset[i] for i in range(4)])
     cfg = train.TrainConfig(model=model, seed=7)
-    namespace = {"torch": torch, "train": train, "m": m, "batch": batch, "cfg": cfg,
+    namespace = {"torch": torch, "train": train, "latent_cache": latent_cache, "m": m, "batch": batch, "cfg": cfg,
                  "rt": types.SimpleNamespace(device=torch.device("cpu"))}
     exec(cell_source(*TRAINING_STEP_CELL), namespace)
     assert m.noise_scheduler.config.prediction_type == prediction_type
     with torch.no_grad():
-        expected = train.diffusion_loss(m.unet, m.noise_scheduler, train.encode_pixels(m.vae, batch["pixels"]).float(),
-                                        train.encode_texts(m.tokenizer, m.text_encoder, batch["texts"]).float(),
+        expected = train.diffusion_loss(m.unet, m.noise_scheduler, latent_cache.encode_pixels(m.vae, batch["pixels"]).float(),
+                                        latent_cache.encode_texts(m.tokenizer, m.text_encoder, batch["texts"]).float(),
                                         torch.Generator().manual_seed(7))
     torch.testing.assert_close(namespace["loss"], expected)
     assert namespace["timesteps"].shape == (4,) and namespace["noisy"].shape == namespace["latents"].shape

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sdcourse import data, practice
+from sdcourse import data, practice, sources, web
 from sdcourse.practice import LocalBooru, Trouble, _png_header_only
 from sdcourse.sample_data import draw_shape
 
-FAST = data.HttpConfig(timeout=(2, 2), retries=2, backoff=0.05, workers=4)
+FAST = web.HttpConfig(timeout=(2, 2), retries=2, backoff=0.05, workers=4)
 
 
 def shape(colour="red", shape_name="circle", background="white", size=128, seed=0):
@@ -33,7 +33,7 @@ def clean(tmp_path, files: dict, config=data.CleanConfig(resolution=64), **kwarg
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         (src / name).write_bytes(content)
     out = tmp_path / "out"
-    report = data.build_dataset(data.from_folder(src), out, config, **kwargs)
+    report = data.build_dataset(sources.from_folder(src), out, config, **kwargs)
     return report.set_index("source"), out
 
 
@@ -139,7 +139,7 @@ def test_exact_and_near_duplicates_dropped(tmp_path):
 
 
 def test_sample_dataset_has_no_false_duplicates(tmp_path, sample_dir):
-    report = data.build_dataset(data.from_folder(sample_dir), tmp_path / "out", data.CleanConfig(resolution=64))
+    report = data.build_dataset(sources.from_folder(sample_dir), tmp_path / "out", data.CleanConfig(resolution=64))
     assert (report["status"] == "kept").all(), report[report["status"] != "kept"]
 
 
@@ -153,7 +153,7 @@ def test_output_names_are_safe_unique_and_stable(tmp_path):
     for name in names:
         assert name.startswith("images/") and name.isascii() and " " not in name
     assert report.loc["Café Noël.png", "file_name"].startswith("images/Cafe_Noel_")
-    again = data.build_dataset(data.from_folder(tmp_path / "src"), tmp_path / "again", data.CleanConfig(resolution=64))
+    again = data.build_dataset(sources.from_folder(tmp_path / "src"), tmp_path / "again", data.CleanConfig(resolution=64))
     assert list(again["file_name"]) == names
 
 
@@ -195,38 +195,38 @@ def test_metadata_csv_without_file_name_column_says_so(tmp_path):
     (tmp_path / "x.png").write_bytes(png_bytes(shape()))
     (tmp_path / "metadata.csv").write_text("image,caption\nx.png,hi\n")
     with pytest.raises(ValueError, match="metadata.csv has no 'file_name' column"):
-        data.from_folder(tmp_path)
+        sources.from_folder(tmp_path)
 
 
 def test_empty_and_missing_folders_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="is empty"):
-        data.from_folder(tmp_path)
+        sources.from_folder(tmp_path)
     with pytest.raises(FileNotFoundError, match="No folder at"):
-        data.from_folder(tmp_path / "nope")
+        sources.from_folder(tmp_path / "nope")
 
 
 def test_nothing_kept_raises_after_saving_the_report(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "empty.png").write_bytes(b"")
     with pytest.raises(ValueError, match="No image survived cleaning"):
-        data.build_dataset(data.from_folder(tmp_path / "src"), tmp_path / "out")
+        data.build_dataset(sources.from_folder(tmp_path / "src"), tmp_path / "out")
     assert pd.read_csv(tmp_path / "out" / "report.csv")["reason"].tolist() == ["empty file (0 bytes)"]
 
 
 def test_a_dataset_cannot_be_rebuilt_from_itself(tmp_path):
     report, out = clean(tmp_path, {"one.png": png_bytes(shape())})
     with pytest.raises(ValueError, match="inside .*out, the folder being written"):
-        data.build_dataset(data.from_folder(out), out, overwrite=True)
+        data.build_dataset(sources.from_folder(out), out, overwrite=True)
     assert data.read_metadata(out)["file_name"].tolist() == [report.loc["one.png", "file_name"]]  # untouched
 
 
 def test_existing_dataset_is_not_replaced_unless_asked(tmp_path):
     report, out = clean(tmp_path, {"one.png": png_bytes(shape())})
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        data.build_dataset(data.from_folder(tmp_path / "src"), out)
+        data.build_dataset(sources.from_folder(tmp_path / "src"), out)
     (tmp_path / "src" / "one.png").unlink()
     (tmp_path / "src" / "two.png").write_bytes(png_bytes(shape(seed=9)))
-    data.build_dataset(data.from_folder(tmp_path / "src"), out, data.CleanConfig(resolution=64), overwrite=True)
+    data.build_dataset(sources.from_folder(tmp_path / "src"), out, data.CleanConfig(resolution=64), overwrite=True)
     assert len(list((out / "images").iterdir())) == 1  # the old image is gone with the old dataset
 
 
@@ -241,7 +241,7 @@ def test_zip_entries_cannot_escape_the_target(tmp_path):
         z.writestr("/etc/absolute.png", png_bytes(shape(seed=3)))
         z.writestr("__MACOSX/photos/._ok.png", b"resource fork")
     target = tmp_path / "a" / "target"
-    candidates = data.extract_zip(archive, target)
+    candidates = sources.extract_zip(archive, target)
     assert not (tmp_path / "a" / "escaped.png").exists() and not (tmp_path / "also_escaped.png").exists()
     assert [p.relative_to(target).as_posix() for p in target.rglob("ok.png")] == ["photos/ok.png"]
     refused = [c for c in candidates if c.error]
@@ -263,41 +263,41 @@ def server():
 
 def test_url_downloads_retry_record_failures_and_resume(server, tmp_path):
     urls = [f"{server.url}/img/{name}" for name in ("ok.png", "flaky.png", "broken.png", "missing.png", "big.png", "page.jpg")]
-    config = data.HttpConfig(timeout=(2, 2), retries=2, backoff=0.05, max_bytes=200_000)
-    results = {c.source.rsplit("/", 1)[1]: c for c in data.from_urls(urls + ["# a comment", ""], tmp_path, config)}
+    config = web.HttpConfig(timeout=(2, 2), retries=2, backoff=0.05, max_bytes=200_000)
+    results = {c.source.rsplit("/", 1)[1]: c for c in web.from_urls(urls + ["# a comment", ""], tmp_path, config)}
     assert results["ok.png"].path.exists() and not results["ok.png"].error
     assert results["flaky.png"].path.exists() and server.statuses("/img/flaky.png") == [503, 503, 200]
     assert "HTTP 500" in results["broken.png"].error and "3 attempts" in results["broken.png"].error
     assert "HTTP 404" in results["missing.png"].error and server.statuses("/img/missing.png") == [404]  # not retried
     assert "cap" in results["big.png"].error and not list(tmp_path.glob("big*"))
     assert results["page.jpg"].path.exists()  # downloaded; the cleaner will call it "not an image"
-    [no_scheme] = data.from_urls(["www.example.com/a.png"], tmp_path, config)
+    [no_scheme] = web.from_urls(["www.example.com/a.png"], tmp_path, config)
     assert "No scheme" in no_scheme.error  # recorded, not raised
     requests_before = len(server.log)
-    again = data.from_urls(urls[:2], tmp_path, config)
+    again = web.from_urls(urls[:2], tmp_path, config)
     assert len(server.log) == requests_before  # resumed: valid files are not fetched again
     assert [c.path for c in again] == [results["ok.png"].path, results["flaky.png"].path]
 
 
 def test_slow_server_times_out_and_is_recorded(tmp_path):
     with LocalBooru([], {"img/slow.png": png_bytes(shape())}, Trouble(delay=0.6), lifetime=60) as slow:
-        config = data.HttpConfig(timeout=(1, 0.2), retries=1, backoff=0.01)
-        [candidate] = data.from_urls([f"{slow.url}/img/slow.png"], tmp_path, config)
+        config = web.HttpConfig(timeout=(1, 0.2), retries=1, backoff=0.01)
+        [candidate] = web.from_urls([f"{slow.url}/img/slow.png"], tmp_path, config)
     assert candidate.path is None and "Timeout" in candidate.error
 
 
 def test_retry_after_header():
-    assert data.retry_after_seconds("3", 1.0) == 3.0
-    assert data.retry_after_seconds(None, 1.5) == 1.5
-    assert data.retry_after_seconds("soon", 2.0) == 2.0
-    assert data.retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", 2.0) == 0.0  # a date in the past
+    assert web.retry_after_seconds("3", 1.0) == 3.0
+    assert web.retry_after_seconds(None, 1.5) == 1.5
+    assert web.retry_after_seconds("soon", 2.0) == 2.0
+    assert web.retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", 2.0) == 0.0  # a date in the past
 
 
 @pytest.mark.parametrize("api", ["danbooru", "dapi"])
 def test_booru_search_pages_filters_and_keeps_tags(api, tmp_path):
     with LocalBooru.from_sample(lifetime=60) as booru:
-        config = data.BooruConfig(booru.url, api=api, page_size=5, min_interval=0.0)
-        candidates = data.from_booru(config, "white_background simple_background", tmp_path / "dl", limit=11,
+        config = web.BooruConfig(booru.url, api=api, page_size=5, min_interval=0.0)
+        candidates = web.from_booru(config, "white_background simple_background", tmp_path / "dl", limit=11,
                                      tag_captions=True, http=FAST)
         api_calls = [p for p, _ in booru.log if p in ("/posts.json", "/index.php")]
     assert len(candidates) == 11 and len(api_calls) == 3  # 5 + 5 + 1 of the 12 white-background posts
@@ -312,30 +312,30 @@ def test_booru_search_pages_filters_and_keeps_tags(api, tmp_path):
 
 def test_booru_stops_at_the_last_page(tmp_path):
     with LocalBooru.from_sample(lifetime=60) as booru:
-        config = data.BooruConfig(booru.url, api="danbooru", page_size=5, min_interval=0.0)
-        posts, failed = data.search_booru(config, "red_circle", limit=100, http=FAST)
+        config = web.BooruConfig(booru.url, api="danbooru", page_size=5, min_interval=0.0)
+        posts, failed = web.search_booru(config, "red_circle", limit=100, http=FAST)
     assert len(posts) == 3 and not failed and len(booru.log) == 1
 
 
 def test_booru_rate_limit_is_respected_or_recovered(tmp_path):
     trouble = Trouble(min_interval=0.2, retry_after=1)
     with LocalBooru.from_sample(trouble=trouble, lifetime=60) as booru:
-        polite = data.BooruConfig(booru.url, api="dapi", page_size=4, min_interval=0.4)  # margin for jitter
-        posts, _ = data.search_booru(polite, "", limit=12, http=FAST)
+        polite = web.BooruConfig(booru.url, api="dapi", page_size=4, min_interval=0.4)  # margin for jitter
+        posts, _ = web.search_booru(polite, "", limit=12, http=FAST)
         assert len(posts) == 12 and 429 not in booru.statuses()
         booru.log.clear()
-        hasty = data.BooruConfig(booru.url, api="dapi", page_size=4, min_interval=0.0)
-        posts, failed = data.search_booru(hasty, "", limit=12, http=data.HttpConfig(retries=3, backoff=0.01))
+        hasty = web.BooruConfig(booru.url, api="dapi", page_size=4, min_interval=0.0)
+        posts, failed = web.search_booru(hasty, "", limit=12, http=web.HttpConfig(retries=3, backoff=0.01))
         assert len(posts) == 12 and not failed
         assert 429 in booru.statuses()  # throttled, waited Retry-After, then got every page
 
 
 def test_booru_page_failure_is_reported_and_secrets_stay_out(tmp_path):
     with LocalBooru.from_sample(trouble=Trouble(broken={"/posts.json"}), lifetime=60) as booru:
-        config = data.BooruConfig(booru.url, api="danbooru", min_interval=0.0, credentials={"api_key": "SECRET123"})
-        candidates = data.from_booru(config, "red_circle", tmp_path, limit=10, http=FAST)
-    unreachable = data.BooruConfig("http://127.0.0.1:9", api="danbooru", credentials={"api_key": "SECRET123"})
-    candidates += data.from_booru(unreachable, "x", tmp_path, limit=10, http=FAST)
+        config = web.BooruConfig(booru.url, api="danbooru", min_interval=0.0, credentials={"api_key": "SECRET123"})
+        candidates = web.from_booru(config, "red_circle", tmp_path, limit=10, http=FAST)
+    unreachable = web.BooruConfig("http://127.0.0.1:9", api="danbooru", credentials={"api_key": "SECRET123"})
+    candidates += web.from_booru(unreachable, "x", tmp_path, limit=10, http=FAST)
     assert [c.path for c in candidates] == [None, None]
     assert "API page failed: HTTP 500" in candidates[0].error
     assert "ConnectionError" in candidates[1].error
@@ -344,29 +344,29 @@ def test_booru_page_failure_is_reported_and_secrets_stay_out(tmp_path):
 
 
 def test_parse_posts_handles_each_api_shape():
-    dapi = data.BooruConfig("https://gel.example", api="dapi", prefer_sample=False)
+    dapi = web.BooruConfig("https://gel.example", api="dapi", prefer_sample=False)
     gelbooru = {"@attributes": {"count": 2}, "post": [
         {"id": 7, "file_url": "https://img.example/7.jpg", "tags": " a_b  c ", "source": "https://src/7"},
         {"id": 8, "directory": "ab/cd", "image": "8.png", "tags": "x"}]}
-    posts = data.parse_posts(gelbooru, dapi)
+    posts = web.parse_posts(gelbooru, dapi)
     assert [(p.id, p.file_url, p.tags, p.source) for p in posts] == [
         (7, "https://img.example/7.jpg", "a_b c", "https://src/7"), (8, "https://gel.example/images/ab/cd/8.png", "x", "")]
-    danbooru = data.BooruConfig("https://dan.example", api="danbooru", prefer_sample=True)
-    [post] = data.parse_posts([{"id": 1, "file_url": "//cdn/1.png", "large_file_url": "//cdn/sample-1.jpg",
+    danbooru = web.BooruConfig("https://dan.example", api="danbooru", prefer_sample=True)
+    [post] = web.parse_posts([{"id": 1, "file_url": "//cdn/1.png", "large_file_url": "//cdn/sample-1.jpg",
                                 "tag_string": "t", "source": ""}], danbooru)
     assert post.file_url == "https://cdn/sample-1.jpg"
-    assert data.parse_posts([], danbooru) == []
+    assert web.parse_posts([], danbooru) == []
     with pytest.raises(ValueError, match="must start with https://"):
-        data.page_request(data.BooruConfig("safebooru.org", credentials={"api_key": "k"}), "x", 0)
+        web.page_request(web.BooruConfig("safebooru.org", credentials={"api_key": "k"}), "x", 0)
     with pytest.raises(ValueError, match="'danbooru' or 'dapi'"):
-        data.page_request(data.BooruConfig(api="moebooru"), "x", 0)
+        web.page_request(web.BooruConfig(api="moebooru"), "x", 0)
 
 
 def test_posts_without_files_or_with_videos_are_reported(tmp_path):
     files = {"img/a.png": png_bytes(shape()), "img/b.webm": b"video"}
     posts = [{"id": 1, "file": "img/a.png", "tags": "t", "source": ""}, {"id": 2, "file": "img/b.webm", "tags": "t", "source": ""}]
     with LocalBooru(posts, files, lifetime=60) as booru:
-        candidates = data.from_booru(data.BooruConfig(booru.url, api="danbooru", min_interval=0), "t", tmp_path, 10, http=FAST)
+        candidates = web.from_booru(web.BooruConfig(booru.url, api="danbooru", min_interval=0), "t", tmp_path, 10, http=FAST)
     by_source = {c.source.rsplit(" ", 1)[1]: c for c in candidates}
     assert "video" in by_source["2"].error and by_source["1"].path.exists()
     assert "/img/b.webm" not in [p for p, _ in booru.log]
@@ -375,19 +375,19 @@ def test_posts_without_files_or_with_videos_are_reported(tmp_path):
 # --- Hugging Face datasets, practice files, pictures ----------------------------------------------
 
 def test_from_hf_dataset_streams_original_bytes(tmp_path, sample_dir):
-    candidates = data.from_hf_dataset("imagefolder", tmp_path, text_column="text", limit=5, data_dir=str(sample_dir))
+    candidates = sources.from_hf_dataset("imagefolder", tmp_path, text_column="text", limit=5, data_dir=str(sample_dir))
     assert len(candidates) == 5 and all(c.path.suffix == ".png" and c.text.startswith("a ") for c in candidates)
     originals = {p.read_bytes() for p in (sample_dir / "images").glob("*.png")}
     assert all(c.path.read_bytes() in originals for c in candidates)
     with pytest.raises(ValueError, match="no column 'picture'"):
-        data.from_hf_dataset("imagefolder", tmp_path, image_column="picture", data_dir=str(sample_dir))
+        sources.from_hf_dataset("imagefolder", tmp_path, image_column="picture", data_dir=str(sample_dir))
     with pytest.raises(ValueError, match=r"no column 'caption'; its columns are \['image', 'text'\]"):
-        data.from_hf_dataset("imagefolder", tmp_path, text_column="caption", data_dir=str(sample_dir))
+        sources.from_hf_dataset("imagefolder", tmp_path, text_column="caption", data_dir=str(sample_dir))
 
 
 def test_practice_problem_files_teach_what_they_say(tmp_path):
     described = practice.write_problem_files(tmp_path / "problems")
-    report = data.build_dataset(data.from_folder(tmp_path / "problems"), tmp_path / "out",
+    report = data.build_dataset(sources.from_folder(tmp_path / "problems"), tmp_path / "out",
                                 data.CleanConfig(resolution=64)).set_index("source")
     images = [name for name in described if not name.endswith((".txt", ".csv"))]
     assert set(images) <= set(report.index)
@@ -402,7 +402,7 @@ def test_practice_problem_files_teach_what_they_say(tmp_path):
 
 
 def test_summary_and_plots(tmp_path, sample_dir):
-    report = data.build_dataset(data.from_folder(sample_dir), tmp_path / "out", data.CleanConfig(resolution=64))
+    report = data.build_dataset(sources.from_folder(sample_dir), tmp_path / "out", data.CleanConfig(resolution=64))
     assert data.summary(report).to_dict("records") == [{"status": "kept", "reason": "unchanged", "count": 36}]
     mixed = pd.DataFrame({"status": ["kept", "kept", "dropped"], "reason": [
         "converted CMYK to RGB; downscaled from 900x900", "downscaled from 800x600", "exact duplicate of images/a.png"]})

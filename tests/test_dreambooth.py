@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from sdcourse import dreambooth, models
-from sdcourse.train import CaptionedImages
+from sdcourse.training_set import CaptionedImages
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sdcourse import handover, runtime, train
+from sdcourse.checkpoints import NotEnoughSpace, checkpoint_bytes, checkpoint_dirs, folder_bytes, save_checkpoint
 from sdcourse.sample_data import sample_dataset_dir, write_sample_dataset
 from sdcourse.train import TrainConfig
 
@@ -77,8 +78,8 @@ def test_checkpoint_sizes_are_computed_from_parameter_counts():
     assert handover.unet_parameters(sd2=False) == 859_520_964  # SD 1.5's UNet, as published
     sd2 = handover.unet_parameters(sd2=True)
     assert 860e6 < sd2 < 870e6
-    assert train.checkpoint_bytes(859_520_964, "adamw8bit") == 859_520_964 * 6  # ~5.2 GB: 2 fit a free Drive
-    assert train.checkpoint_bytes(1000, "adamw") == 12_000
+    assert checkpoint_bytes(859_520_964, "adamw8bit") == 859_520_964 * 6  # ~5.2 GB: 2 fit a free Drive
+    assert checkpoint_bytes(1000, "adamw") == 12_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,8 +118,8 @@ def test_a_checkpoint_that_will_not_fit_stops_before_writing(small_disk, tiny_sd
     def fill_after_first_checkpoint(step, loss):
         nonlocal filler
         if step == 3:  # half of a checkpoint free: the one at step 4 cannot fit
-            filler = fill(small_disk, train.folder_bytes(checkpoints / "step-000002") // 2)
-    with pytest.raises(train.NotEnoughSpace) as full:
+            filler = fill(small_disk, folder_bytes(checkpoints / "step-000002") // 2)
+    with pytest.raises(NotEnoughSpace) as full:
         train.train(cfg, on_step=fill_after_first_checkpoint)
     message = str(full.value)
     assert "checkpoint step-000004" in message and " is free" in message and "needs about" in message
@@ -127,7 +128,7 @@ def test_a_checkpoint_that_will_not_fit_stops_before_writing(small_disk, tiny_sd
     filler.unlink()
     resumed = train.train(cfg)
     assert "Resuming from" in capsys.readouterr().out and len(resumed.losses) == 4
-    assert [p.name for p in train.checkpoint_dirs(checkpoints)] == ["step-000004", "step-000006"]
+    assert [p.name for p in checkpoint_dirs(checkpoints)] == ["step-000004", "step-000006"]
 
 
 def test_a_disk_that_fills_during_the_write_leaves_no_temporary_folder(small_disk, tiny_sd_path, sample_dir,
@@ -135,14 +136,14 @@ def test_a_disk_that_fills_during_the_write_leaves_no_temporary_folder(small_dis
     # The free space a network mount reports can be stale: the check passes and the write itself fails.
     cfg = disk_config(small_disk, tiny_sd_path, sample_dir)
     checkpoints = small_disk / "finetune" / "checkpoints"
-    monkeypatch.setattr(train, "make_room", lambda *args: None)
+    monkeypatch.setattr("sdcourse.checkpoints.make_room", lambda *args: None)
     filler = None
 
     def fill_after_first_checkpoint(step, loss):
         nonlocal filler
         if step == 3:
-            filler = fill(small_disk, train.folder_bytes(checkpoints / "step-000002") // 3)
-    with pytest.raises(train.NotEnoughSpace, match="Not enough space for checkpoint step-000004") as full:
+            filler = fill(small_disk, folder_bytes(checkpoints / "step-000002") // 3)
+    with pytest.raises(NotEnoughSpace, match="Not enough space for checkpoint step-000004") as full:
         train.train(cfg, on_step=fill_after_first_checkpoint)
     assert "last good checkpoint is" in str(full.value)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000002"]  # .tmp-step-000004 is gone
@@ -158,16 +159,16 @@ def test_room_is_made_by_deleting_what_keep_checkpoints_would_delete(small_disk,
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
     folder = small_disk / "checkpoints"
     for step in (1, 2):
-        train.save_checkpoint(folder, step, unet, {"step": step}, None, keep=2)
-    filler = fill(small_disk, train.folder_bytes(folder / "step-000002") // 2)
-    train.save_checkpoint(folder, 3, unet, {"step": 3}, None, keep=2)  # step 1 goes first, to make room
-    assert [p.name for p in train.checkpoint_dirs(folder)] == ["step-000002", "step-000003"]
+        save_checkpoint(folder, step, unet, {"step": step}, None, keep=2)
+    filler = fill(small_disk, folder_bytes(folder / "step-000002") // 2)
+    save_checkpoint(folder, 3, unet, {"step": 3}, None, keep=2)  # step 1 goes first, to make room
+    assert [p.name for p in checkpoint_dirs(folder)] == ["step-000002", "step-000003"]
     assert "Deleting step-000001 before writing checkpoint step-000003" in capsys.readouterr().out
     filler.unlink()
-    train.save_checkpoint(folder, 4, unet, {"step": 4}, None, keep=1)
-    filler = fill(small_disk, train.folder_bytes(folder / "step-000004") // 2)
-    with pytest.raises(train.NotEnoughSpace):  # the only room to make is the last good one's: never
-        train.save_checkpoint(folder, 5, unet, {"step": 5}, None, keep=1)
+    save_checkpoint(folder, 4, unet, {"step": 4}, None, keep=1)
+    filler = fill(small_disk, folder_bytes(folder / "step-000004") // 2)
+    with pytest.raises(NotEnoughSpace):  # the only room to make is the last good one's: never
+        save_checkpoint(folder, 5, unet, {"step": 5}, None, keep=1)
     assert [p.name for p in folder.iterdir()] == ["step-000004"]
 
 
@@ -186,14 +187,14 @@ def test_local_checkpoints_with_a_copy_of_the_newest_resume_on_a_new_machine(tmp
     with pytest.raises(KeyboardInterrupt):
         train.train(session("runtime1"), on_step=stop_at_5)
     copies = tmp_path / "drive" / "finetune" / "checkpoints"
-    assert [p.name for p in train.checkpoint_dirs(copies)] == ["step-000004"]
-    assert [p.name for p in train.checkpoint_dirs(tmp_path / "runtime1" / "checkpoints")] == ["step-000004"]
+    assert [p.name for p in checkpoint_dirs(copies)] == ["step-000004"]
+    assert [p.name for p in checkpoint_dirs(tmp_path / "runtime1" / "checkpoints")] == ["step-000004"]
     result = train.train(session("runtime2"))
     assert len(result.losses) == 4  # steps 5-8: resumed from the copy
-    assert [p.name for p in train.checkpoint_dirs(copies)] == ["step-000008"]
+    assert [p.name for p in checkpoint_dirs(copies)] == ["step-000008"]
     snapshots = sorted((tmp_path / "drive" / "finetune" / "snapshots").iterdir())
     assert [p.name for p in snapshots] == ["step-000002", "step-000004"]
     weights = (snapshots[0] / "unet" / "diffusion_pytorch_model.safetensors")
     from safetensors.torch import load_file
     assert all(t.dtype == torch.float16 for t in load_file(weights).values())
-    assert weights.stat().st_size < train.folder_bytes(copies / "step-000008") / 2
+    assert weights.stat().st_size < folder_bytes(copies / "step-000008") / 2

@@ -5,7 +5,8 @@ import importlib.metadata
 import pytest
 import torch
 
-from sdcourse import runtime, train
+from sdcourse import runtime
+from sdcourse.optimizer import LossScaler
 
 # What torch.cuda answers on each GPU. A T4 says bf16 is "supported" because emulation counts.
 GPUS = {"Tesla T4": ((7, 5), True), "NVIDIA A100-SXM4-40GB": ((8, 0), True), "Tesla V100": ((7, 0), False)}
@@ -30,21 +31,21 @@ def test_half_precision_follows_compute_capability(fake_gpu, gpu, expected, tmp_
     fake_gpu(gpu)
     cuda = torch.device("cuda")
     assert runtime.pick_dtype(cuda) == expected
-    assert train.compute_dtype_for("auto", cuda) == expected
+    assert runtime.compute_dtype_for("auto", cuda) == expected
     rt = runtime.setup(smoke=False, outputs=tmp_path)
     assert rt.dtype == expected
     assert f"Compute dtype: {str(expected).removeprefix('torch.')}" in capsys.readouterr().out
     # fp16 trains with loss scaling; bf16 has fp32's range and needs none
-    assert train.LossScaler(expected == torch.float16).scale == (2.0**16 if expected == torch.float16 else 1.0)
+    assert LossScaler(expected == torch.float16).scale == (2.0**16 if expected == torch.float16 else 1.0)
 
 
 def test_bf16_asked_for_on_a_t4_is_refused_with_what_to_use(fake_gpu):
     fake_gpu("Tesla T4")
     with pytest.raises(ValueError, match=r"7\.5.*'auto' or 'fp16'"):
-        train.compute_dtype_for("bf16", torch.device("cuda"))
-    assert train.compute_dtype_for("fp16", torch.device("cuda")) == torch.float16
+        runtime.compute_dtype_for("bf16", torch.device("cuda"))
+    assert runtime.compute_dtype_for("fp16", torch.device("cuda")) == torch.float16
     fake_gpu("NVIDIA A100-SXM4-40GB")
-    assert train.compute_dtype_for("bf16", torch.device("cuda")) == torch.bfloat16
+    assert runtime.compute_dtype_for("bf16", torch.device("cuda")) == torch.bfloat16
 
 
 def test_cpu_computes_in_fp32():
@@ -161,28 +162,28 @@ KEY, USER = "k3y-S3CRET-0123456789abcdef", "90817263"
 
 
 def test_gelbooru_credentials_are_required_sent_and_never_shown(tmp_path, monkeypatch, capsys):
-    from sdcourse import data
+    from sdcourse import data, web
     from sdcourse.practice import LocalBooru, Trouble
 
-    fast = data.HttpConfig(retries=0, backoff=0.0)
-    gelbooru = data.BooruConfig("https://gelbooru.com", api="dapi")
-    assert set(data.required_credentials(gelbooru)) == {"api_key", "user_id"}
-    assert data.required_credentials(data.BooruConfig("https://safebooru.org")) == {}
+    fast = web.HttpConfig(retries=0, backoff=0.0)
+    gelbooru = web.BooruConfig("https://gelbooru.com", api="dapi")
+    assert set(web.required_credentials(gelbooru)) == {"api_key", "user_id"}
+    assert web.required_credentials(web.BooruConfig("https://safebooru.org")) == {}
     with pytest.raises(ValueError, match="api_key and user_id.*GELBOORU_API_KEY and GELBOORU_USER_ID"):
-        data.search_booru(gelbooru, "maid", limit=5, http=fast)  # refused before any request
+        web.search_booru(gelbooru, "maid", limit=5, http=fast)  # refused before any request
     monkeypatch.setenv("GELBOORU_API_KEY", KEY)
     monkeypatch.setenv("GELBOORU_USER_ID", USER)
-    assert data.fill_credentials(gelbooru).credentials == {"api_key": KEY, "user_id": USER}
+    assert web.fill_credentials(gelbooru).credentials == {"api_key": KEY, "user_id": USER}
 
     # The practice booru answers 401 like Gelbooru unless both parameters come with every API request.
-    monkeypatch.setattr(data, "REQUIRED_CREDENTIALS", {"127.0.0.1": {"api_key": "GELBOORU_API_KEY",
-                                                                    "user_id": "GELBOORU_USER_ID"}})
+    monkeypatch.setattr(web, "REQUIRED_CREDENTIALS", {"127.0.0.1": {"api_key": "GELBOORU_API_KEY",
+                                                                   "user_id": "GELBOORU_USER_ID"}})
     with LocalBooru.from_sample(trouble=Trouble(credentials={"api_key": KEY, "user_id": USER}), lifetime=60) as booru:
-        config = data.fill_credentials(data.BooruConfig(booru.url, api="dapi", min_interval=0.0))
-        candidates = data.from_booru(config, "red_circle", tmp_path / "downloads", limit=3, http=fast)
+        config = web.fill_credentials(web.BooruConfig(booru.url, api="dapi", min_interval=0.0))
+        candidates = web.from_booru(config, "red_circle", tmp_path / "downloads", limit=3, http=fast)
         assert 401 not in booru.statuses() and len(candidates) == 3 and all(c.path for c in candidates)
-        wrong = data.BooruConfig(booru.url, api="dapi", min_interval=0.0, credentials={"api_key": "x", "user_id": USER})
-        [refused] = data.from_booru(wrong, "red_circle", tmp_path / "downloads", limit=3, http=fast)
+        wrong = web.BooruConfig(booru.url, api="dapi", min_interval=0.0, credentials={"api_key": "x", "user_id": USER})
+        [refused] = web.from_booru(wrong, "red_circle", tmp_path / "downloads", limit=3, http=fast)
         assert "HTTP 401" in refused.error and "credentials" in refused.error
     report = data.build_dataset(candidates + [refused], tmp_path / "dataset", data.CleanConfig(resolution=64))
     print(report, data.summary(report), config, [vars(c) for c in candidates])

@@ -8,7 +8,9 @@ import shutil
 import pytest
 import torch
 
-from sdcourse import train
+from sdcourse import models, train, training_set
+from sdcourse.checkpoints import checkpoint_dirs, remove_unfinished_checkpoints, save_checkpoint
+from sdcourse.optimizer import LossScaler, UNetOptimizer
 from sdcourse.train import TrainConfig
 
 
@@ -47,7 +49,7 @@ def test_loss_falls_and_the_result_loads(tmp_path, untrained_sd_path, sample_dir
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_loss_target_matches_an_independent_computation(tiny_sd_path, tiny_sd_v_path, prediction_type):
     path = tiny_sd_path if prediction_type == "epsilon" else tiny_sd_v_path
-    m = train.load_models(path, torch.float32)
+    m = models.load_models(path, torch.float32)
     assert m.noise_scheduler.config.prediction_type == prediction_type  # read from the model's scheduler config
 
     class Recorder(torch.nn.Module):  # a "UNet" that predicts zeros: the loss is then the mean squared target
@@ -77,7 +79,7 @@ def test_fused_step_equals_ordinary_step(tiny_sd_path, kind):
         unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet").train()
         unet.enable_gradient_checkpointing()
         unets.append(unet)
-        optimizers.append(train.UNetOptimizer(list(unet.parameters()), kind, 1e-3, train.LossScaler(False), fused))
+        optimizers.append(UNetOptimizer(list(unet.parameters()), kind, 1e-3, LossScaler(False), fused))
     data = torch.Generator().manual_seed(0)
     for step in range(4):
         latents, embeddings = torch.randn(2, 4, 8, 8, generator=data), torch.randn(2, 77, 32, generator=data)
@@ -108,7 +110,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_sd_path, sample_dir
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg, on_step=kill_at_step_6)
     checkpoints = tmp_path / "killed" / "finetune" / "checkpoints"
-    assert [p.name for p in train.checkpoint_dirs(checkpoints)] == ["step-000004"]
+    assert [p.name for p in checkpoint_dirs(checkpoints)] == ["step-000004"]
     resumed = train.train(cfg)
     assert train.train(cfg).losses == []  # a finished run is not trained again
 
@@ -144,20 +146,20 @@ def test_a_crash_while_checkpointing_leaves_no_half_checkpoint(tmp_path, tiny_sd
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
     folder = tmp_path / "checkpoints"
-    train.save_checkpoint(folder, 1, unet, {"step": 1}, None, keep=2)
+    save_checkpoint(folder, 1, unet, {"step": 1}, None, keep=2)
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(train.torch, "save", crash)  # after unet/ is written, before the state is
+    monkeypatch.setattr(torch, "save", crash)  # after unet/ is written, before the state is
     with pytest.raises(OSError):
-        train.save_checkpoint(folder, 2, unet, {"step": 2}, None, keep=2)
-    assert [p.name for p in train.checkpoint_dirs(folder)] == ["step-000001"]
-    train.remove_unfinished_checkpoints(folder)
+        save_checkpoint(folder, 2, unet, {"step": 2}, None, keep=2)
+    assert [p.name for p in checkpoint_dirs(folder)] == ["step-000001"]
+    remove_unfinished_checkpoints(folder)
     assert sorted(p.name for p in folder.iterdir()) == ["step-000001"]
     monkeypatch.undo()
     for step in (2, 3, 4):
-        train.save_checkpoint(folder, step, unet, {"step": step}, None, keep=2)
-    assert [p.name for p in train.checkpoint_dirs(folder)] == ["step-000003", "step-000004"]
+        save_checkpoint(folder, step, unet, {"step": step}, None, keep=2)
+    assert [p.name for p in checkpoint_dirs(folder)] == ["step-000003", "step-000004"]
     loaded = UNet2DConditionModel.from_pretrained(folder / "step-000004", subfolder="unet")
     assert torch.equal(loaded.conv_in.weight, unet.conv_in.weight)
 
@@ -174,7 +176,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_sd_pat
     with pytest.raises(train.TrainingDiverged, match="nan at step 5.*step-000004"):
         train.train(cfg)
     out = tmp_path / "finetune"
-    assert [p.name for p in train.checkpoint_dirs(out / "checkpoints")] == ["step-000002", "step-000004"]
+    assert [p.name for p in checkpoint_dirs(out / "checkpoints")] == ["step-000002", "step-000004"]
     assert all(torch.isfinite(w).all() for w in unet_weights(out / "checkpoints" / "step-000004").values())
     assert not (out / "final").exists()
 
@@ -201,15 +203,15 @@ def test_config_and_dataset_errors_name_the_problem(tmp_path, sample_dir):
         TrainConfig(crop="middle").check()
     (tmp_path / "metadata.csv").write_text("file,caption\na.png,a cat\n")
     with pytest.raises(ValueError, match=r"metadata.csv has no column \['file_name', 'text'\]"):
-        train.CaptionedImages(tmp_path, 64, 64)
+        training_set.CaptionedImages(tmp_path, 64, 64)
     with pytest.raises(FileNotFoundError, match="metadata.csv"):
-        train.CaptionedImages(tmp_path / "nowhere", 64, 64)
+        training_set.CaptionedImages(tmp_path / "nowhere", 64, 64)
 
 
 def test_buckets_keep_the_area_and_group_batches_by_size(tmp_path):
     from PIL import Image
 
-    sizes = train.bucket_sizes(512, 512)
+    sizes = training_set.bucket_sizes(512, 512)
     assert {(512, 512), (576, 448), (448, 576), (640, 384), (384, 640)} <= set(sizes)
     assert all(w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 and max(w / h, h / w) <= 2 for w, h in sizes)
     (tmp_path / "images").mkdir()
@@ -218,11 +220,11 @@ def test_buckets_keep_the_area_and_group_batches_by_size(tmp_path):
         Image.new("RGB", (w, h), "red").save(tmp_path / "images" / f"{i}.png")
         rows.append(f"images/{i}.png,a picture")
     (tmp_path / "metadata.csv").write_text("\n".join(rows) + "\n")
-    data = train.CaptionedImages(tmp_path, 128, 128, buckets=True)
+    data = training_set.CaptionedImages(tmp_path, 128, 128, buckets=True)
     assert data.sizes[0] == data.sizes[3] and data.sizes[0][0] > data.sizes[0][1]
     assert data.sizes[1][0] < data.sizes[1][1] and data.sizes[2] == (128, 128)
     assert data[0]["pixels"].shape == (3, data.sizes[0][1], data.sizes[0][0])
-    batches = train.epoch_batches(dict(enumerate(data.sizes)), 4, seed=0, epoch=0)
+    batches = training_set.epoch_batches(dict(enumerate(data.sizes)), 4, seed=0, epoch=0)
     assert sorted(map(sorted, batches)) == [[0, 3], [1], [2]]
 
 
@@ -242,7 +244,7 @@ def test_memory_estimate_counts_what_the_fused_step_saves(tiny_sd_path):
 
 
 def test_loss_scaler_halves_on_overflow_and_grows_back():
-    scaler = train.LossScaler(enabled=True, scale=8.0, growth_interval=2)
+    scaler = LossScaler(enabled=True, scale=8.0, growth_interval=2)
     grad = torch.tensor([8.0, 16.0])
     assert scaler.unscale_(grad) and grad.tolist() == [1.0, 2.0]
     assert not scaler.unscale_(torch.tensor([1.0, float("inf")]))
@@ -269,7 +271,7 @@ def test_two_processes_train_one_model_like_accelerate_launch(tmp_path, tiny_sd_
     assert "fused_step is off" in done.stdout
     assert done.stdout.count("Saved the fine-tuned pipeline") == 1  # only the main process writes
     out = tmp_path / "finetune"
-    assert [p.name for p in train.checkpoint_dirs(out / "checkpoints")] == ["step-000002", "step-000004"]
+    assert [p.name for p in checkpoint_dirs(out / "checkpoints")] == ["step-000002", "step-000004"]
     assert (out / "final" / "model_index.json").exists()
 
 

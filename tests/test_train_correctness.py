@@ -9,7 +9,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from sdcourse import train
+from sdcourse import latent_cache, train, training_set, validation
+from sdcourse.optimizer import CpuEMA, LossScaler, UNetOptimizer
 from sdcourse.train import TrainConfig
 
 
@@ -35,10 +36,10 @@ def test_final_pipeline_keeps_the_frozen_parts_and_loads_with_and_without_a_dtyp
 
 def test_a_non_finite_cached_latent_is_encoded_again_in_fp32_or_named(tmp_path, tiny_sd_path, sample_dir, monkeypatch):
     cfg = config(tmp_path, tiny_sd_path, sample_dir, mixed_precision="bf16", max_steps=3, val_loss_every=0)
-    data = train.cache_view(train.CaptionedImages(sample_dir, 64, 64), cfg.crop_margin)  # what the cache encodes
+    data = latent_cache.cache_view(training_set.CaptionedImages(sample_dir, 64, 64), cfg.crop_margin)  # what the cache encodes
     hopeless = data.files.index("images/red_circle_on_white.png")
     hopeless_pixels = data[hopeless]["pixels"]
-    real = train.encode_pixels
+    real = latent_cache.encode_pixels
 
     def overflowing(vae, pixels):
         latents = real(vae, pixels)
@@ -46,7 +47,7 @@ def test_a_non_finite_cached_latent_is_encoded_again_in_fp32_or_named(tmp_path, 
             if torch.equal(pixels[j], hopeless_pixels) or (vae.dtype != torch.float32 and j == 0):
                 latents[j] = float("nan")  # the first of each batch overflows in half precision only
         return latents
-    monkeypatch.setattr(train, "encode_pixels", overflowing)
+    monkeypatch.setattr(latent_cache, "encode_pixels", overflowing)
     result = train.train(cfg)
     assert list(result.skipped) == ["images/red_circle_on_white.png"]
     assert "not finite" in result.skipped["images/red_circle_on_white.png"]
@@ -77,7 +78,7 @@ def test_an_overflow_reaches_no_weight_and_no_optimizer_state_and_halves_the_sca
         unet = tiny_unet(tiny_sd_path)
         names = {p: n for n, p in unet.named_parameters()}
         params = list(unet.parameters())
-        optimizer = train.UNetOptimizer(params, "adamw", 1e-3, train.LossScaler(True, scale=2.0**10), fused)
+        optimizer = UNetOptimizer(params, "adamw", 1e-3, LossScaler(True, scale=2.0**10), fused)
         order = []  # the order in which backward completes gradients
         for p in params:
             p.register_post_accumulate_grad_hook(lambda p: order.append(names[p]))
@@ -126,7 +127,7 @@ def test_fused_fp16_with_overflows_reaches_the_ordinary_steps_loss(tiny_sd_path)
     runs = {}
     for fused in (True, False):
         unet = tiny_unet(tiny_sd_path)
-        optimizer = train.UNetOptimizer(list(unet.parameters()), "adamw", 2e-3, train.LossScaler(True), fused)
+        optimizer = UNetOptimizer(list(unet.parameters()), "adamw", 2e-3, LossScaler(True), fused)
         step = {"n": 0}
         inject_overflow(dict(unet.named_parameters())["up_blocks.1.attentions.0.proj_in.weight"],
                         lambda: step["n"] in (2, 5))
@@ -149,7 +150,7 @@ def test_the_fused_step_refuses_reentrant_checkpointing():
     # One linear layer used in two reentrant checkpointed segments: its hook fires once per segment,
     # each time with part of the gradient. Stepping on each part would step twice.
     layer = torch.nn.Linear(4, 4)
-    optimizer = train.UNetOptimizer(list(layer.parameters()), "adamw", 1e-3, train.LossScaler(False), fused=True)
+    optimizer = UNetOptimizer(list(layer.parameters()), "adamw", 1e-3, LossScaler(False), fused=True)
     checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=True)
     x = torch.randn(2, 4, requires_grad=True)
     loss = checkpoint(layer, checkpoint(layer, x)).sum()
@@ -164,7 +165,7 @@ def test_ema_warms_up_like_diffusers_ema_model():
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 3)
-    ours, theirs = train.CpuEMA(model, 0.9999), EMAModel(model.parameters(), decay=0.9999)
+    ours, theirs = CpuEMA(model, 0.9999), EMAModel(model.parameters(), decay=0.9999)
     for step in range(1, 31):  # weights change every step; the EMA is updated every step
         with torch.no_grad():
             model.weight.add_(torch.randn(3, 3))
@@ -173,7 +174,7 @@ def test_ema_warms_up_like_diffusers_ema_model():
     torch.testing.assert_close(ours.weights["weight"], theirs.shadow_params[0])
     # Updated every 5 steps, with weights that changed only right after each update: the same EMA.
     model2 = torch.nn.Linear(3, 3)
-    ours, theirs = train.CpuEMA(model2, 0.99), EMAModel(model2.parameters(), decay=0.99)
+    ours, theirs = CpuEMA(model2, 0.99), EMAModel(model2.parameters(), decay=0.99)
     for step in range(1, 31):
         if step % 5 == 1:
             with torch.no_grad():
@@ -189,7 +190,7 @@ def test_extended_run_continues_the_ema_from_its_last_update_and_validates_the_e
     from safetensors.torch import load_file
 
     shown = []  # the UNet weight each validation grid is drawn with
-    monkeypatch.setattr(train, "validation_grid", lambda pipe, *args: (
+    monkeypatch.setattr(validation, "validation_grid", lambda pipe, *args: (
         shown.append(pipe.unet.conv_in.weight.detach().clone()), __import__("PIL.Image").Image.new("RGB", (8, 8)))[1])
     common = dict(ema_decay=0.9, ema_every=3, checkpoint_every=1, keep_checkpoints=20, validate_every=100)
     train.train(config(tmp_path, tiny_sd_path, sample_dir, max_steps=5, **common))  # EMA updates at 3 and 5
@@ -198,7 +199,7 @@ def test_extended_run_continues_the_ema_from_its_last_update_and_validates_the_e
     name = "conv_in.weight"
     weight = {s: load_file(ckpt / f"step-{s:06d}" / "unet" / "diffusion_pytorch_model.safetensors")[name] for s in (6, 8)}
     ema5 = load_file(ckpt / "step-000005" / "ema_unet.safetensors")[name]
-    decay = train.CpuEMA(torch.nn.Linear(1, 1), 0.9).decay_at
+    decay = CpuEMA(torch.nn.Linear(1, 1), 0.9).decay_at
     ema6 = decay(6) * ema5 + (1 - decay(6)) * weight[6]
     keep = decay(7) * decay(8)
     expected = keep * ema6 + (1 - keep) * weight[8]
@@ -221,8 +222,8 @@ def test_a_process_whose_micro_batch_is_all_unreadable_joins_the_all_reduce(tmp_
 
     data = tmp_path / "data"
     shutil.copytree(sample_dir, data)
-    dataset = train.CaptionedImages(data, 64, 64)
-    first_of_rank0 = train.epoch_batches(dict(enumerate(dataset.sizes)), 1, seed=0, epoch=0)[0][0]
+    dataset = training_set.CaptionedImages(data, 64, 64)
+    first_of_rank0 = training_set.epoch_batches(dict(enumerate(dataset.sizes)), 1, seed=0, epoch=0)[0][0]
     (data / dataset.files[first_of_rank0]).write_bytes(b"not an image")
     path = config(tmp_path, tiny_sd_path, data, max_steps=2, batch_size=1, cache_latents=False,
                   val_loss_every=0).save(tmp_path / "run.json")

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from sdcourse import train
+from sdcourse import latent_cache, models, train, training_set, validation
 from sdcourse.train import TrainConfig
 
 
 @pytest.fixture(scope="module")
 def tiny_models(tiny_sd_path):
-    return train.load_models(tiny_sd_path, torch.float32)
+    return models.load_models(tiny_sd_path, torch.float32)
 
 
 def no_errors(i, error):
@@ -17,9 +17,9 @@ def no_errors(i, error):
 
 
 def test_validation_loss_is_the_same_for_the_same_weights(tiny_models, sample_dir):
-    data = train.CaptionedImages(sample_dir, 64, 64, crop="random", flip=True)
-    first = train.build_validation_set(data, tiny_models, [0, 5], True, seed=0, report=no_errors)
-    again = train.build_validation_set(data, tiny_models, [0, 5], True, seed=0, report=no_errors)
+    data = training_set.CaptionedImages(sample_dir, 64, 64, crop="random", flip=True)
+    first = validation.build_validation_set(data, tiny_models, [0, 5], True, seed=0, report=no_errors)
+    again = validation.build_validation_set(data, tiny_models, [0, 5], True, seed=0, report=no_errors)
     unet = tiny_models.unet.train()
     loss = train.validation_loss(unet, tiny_models.noise_scheduler, first, "cpu")
     torch.manual_seed(123)  # the global RNG plays no part
@@ -36,11 +36,11 @@ def test_validation_loss_is_the_same_for_the_same_weights(tiny_models, sample_di
 
 
 def test_validation_images_are_held_out_only_from_a_large_enough_dataset():
-    picked, held_out = train.validation_indices(list(range(36)), 4, seed=0)
+    picked, held_out = validation.validation_indices(list(range(36)), 4, seed=0)
     assert len(set(picked)) == 4 and held_out
-    assert train.validation_indices(list(range(36)), 4, seed=0) == (picked, True)
-    assert train.validation_indices(list(range(36)), 4, seed=1)[0] != picked
-    assert train.validation_indices(list(range(19)), 4, seed=0)[1] is False
+    assert validation.validation_indices(list(range(36)), 4, seed=0) == (picked, True)
+    assert validation.validation_indices(list(range(36)), 4, seed=1)[0] != picked
+    assert validation.validation_indices(list(range(19)), 4, seed=0)[1] is False
 
 
 def test_a_file_on_several_rows_is_never_a_validation_image(tmp_path, sample_dir):
@@ -50,19 +50,19 @@ def test_a_file_on_several_rows_is_never_a_validation_image(tmp_path, sample_dir
     csv = tmp_path / "data" / "metadata.csv"
     lines = csv.read_text().splitlines()
     csv.write_text("\n".join(lines + lines[1:3]) + "\n")  # the first two images twice, as DreamBooth repeats its photos
-    data = train.CaptionedImages(tmp_path / "data", 64, 64)
-    assert train.validation_candidates(data) == list(range(2, 36))
+    data = training_set.CaptionedImages(tmp_path / "data", 64, 64)
+    assert validation.validation_candidates(data) == list(range(2, 36))
 
 
 def test_validation_loss_falls_during_a_smoke_run_and_the_held_out_images_are_not_trained_on(
         tmp_path, tiny_sd_path, sample_dir, monkeypatch):
     seen = set()
-    real = train.cached_latents
+    real = latent_cache.cached_latents
 
     def recording(cache, sizes, indices, *args):
         seen.update(indices)
         return real(cache, sizes, indices, *args)
-    monkeypatch.setattr(train, "cached_latents", recording)
+    monkeypatch.setattr(latent_cache, "cached_latents", recording)
     cfg = TrainConfig(model=tiny_sd_path, dataset=str(sample_dir), output_dir=str(tmp_path / "finetune"),
                       width=64, height=64, lr=1e-3, max_steps=30, val_loss_every=10, validate_every=0,
                       checkpoint_every=100, num_workers=0)
@@ -71,7 +71,7 @@ def test_validation_loss_falls_during_a_smoke_run_and_the_held_out_images_are_no
     assert history["val_steps"] == [0, 10, 20, 30]
     first, last = history["val_losses"][0], history["val_losses"][-1]
     assert last < 0.8 * first, history["val_losses"]
-    held_out, _ = train.validation_indices(list(range(36)), 4, seed=0)
+    held_out, _ = validation.validation_indices(list(range(36)), 4, seed=0)
     assert seen == set(range(36)) - set(held_out)
     assert (tmp_path / "finetune" / "loss.png").exists()
 
@@ -84,22 +84,22 @@ def test_two_epochs_draw_different_crops_of_one_cached_image(tiny_models, sample
     shutil.copy(sample_dir / "images" / sorted(p.name for p in (sample_dir / "images").iterdir())[0],
                 data_dir / "images" / "a.png")
     (data_dir / "metadata.csv").write_text("file_name,text\nimages/a.png,a shape\n")
-    data = train.CaptionedImages(data_dir, 64, 64, crop="random", flip=True)
-    cache = train.build_cache(train.cache_view(data, 0.25), tiny_models, 1, 0, no_errors, flip=True)
+    data = training_set.CaptionedImages(data_dir, 64, 64, crop="random", flip=True)
+    cache = latent_cache.build_cache(latent_cache.cache_view(data, 0.25), tiny_models, 1, 0, no_errors, flip=True)
     full, flipped = cache.latents[0], cache.flipped[0]
     assert full.shape == (4, 10, 10)  # 64 px + 25 % = 80 px: 10 latent pixels for 8
     sizes = {0: (64, 64)}
-    crops = [train.cached_latents(cache, sizes, [0], 0, epoch, "random")[0] for epoch in range(8)]
+    crops = [latent_cache.cached_latents(cache, sizes, [0], 0, epoch, "random")[0] for epoch in range(8)]
     assert all(c.shape == (4, 8, 8) for c in crops)
     windows = {(src, top, left): s[:, top:top + 8, left:left + 8] for src, s in (("plain", full), ("flip", flipped))
                for top in range(3) for left in range(3)}
     drawn = [next(k for k, w in windows.items() if torch.equal(w, c)) for c in crops]
     assert drawn[0] != drawn[1], drawn  # epochs 0 and 1 with seed 0
     assert len(set(drawn)) > 3 and {k[0] for k in drawn} == {"plain", "flip"}, drawn
-    assert torch.equal(train.cached_latents(cache, sizes, [0], 0, 1, "random")[0], crops[1])  # the same after a resume
-    centre = train.cached_latents(cache, sizes, [0], 0, 0, "center")[0]
+    assert torch.equal(latent_cache.cached_latents(cache, sizes, [0], 0, 1, "random")[0], crops[1])  # the same after a resume
+    centre = latent_cache.cached_latents(cache, sizes, [0], 0, 0, "center")[0]
     assert torch.equal(centre, full[:, 1:9, 1:9])
-    report = train.cache_report(cache, data.sizes, 0.25, 1.0)
+    report = latent_cache.cache_report(cache, data.sizes, 0.25, 1.0)
     assert "3.12x" in report and "flipped images" in report  # (80/64)^2 = 1.5625, twice for the flips
 
 
