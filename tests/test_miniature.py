@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdcourse import models, train, world
+from sdcourse import models, sampling, train, world
 from sdcourse.train import TrainConfig
 
 BASE = list(itertools.product(world.BASE_COLOURS, world.BASE_SHAPES, world.BACKGROUNDS))
@@ -45,15 +45,20 @@ def test_draw_names_what_it_does_not_know():
 
 
 def smoke_pipeline(prediction_type="epsilon"):
+    """The miniature as notebook 04 samples it: DPM++ 2M Karras, 20 steps (``world.hit_rate``'s default)."""
     pipe = models.load_pipeline(models.resolve("sd15" if prediction_type == "epsilon" else "sd2", smoke=True))
     pipe.set_progress_bar_config(disable=True)
+    sampling.set_scheduler(pipe, "DPM++ 2M Karras")
     return pipe
 
 
-@pytest.mark.parametrize("prediction_type, at_least", [("epsilon", 0.0), ("v_prediction", 0.0)])
-def test_base_miniature_draws_combinations_it_saw(prediction_type, at_least):
-    rate = world.hit_rate(smoke_pipeline(prediction_type), world.expectations(BASE))
-    assert rate >= at_least, f"{prediction_type}: right colour and shape in {rate:.0%} of the 45 seen prompts"
+# Measured on the shipped build: 64 % (epsilon) and 67 % (v-prediction) of the 45 prompts, against 1 in 28
+# by chance (7 colours x 4 shapes); 62 % and 64 % with the same scenes captioned as booru tags.
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("style", [world.caption, world.tag_caption], ids=["sentences", "tags"])
+def test_base_miniature_draws_combinations_it_saw(prediction_type, style):
+    rate = world.hit_rate(smoke_pipeline(prediction_type), world.expectations(BASE, style))
+    assert rate >= 0.5, f"{prediction_type}: right colour and shape in {rate:.0%} of the 45 seen prompts"
 
 
 def test_finetune_on_the_sample_teaches_purple(tmp_path, sample_dir):
