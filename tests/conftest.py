@@ -42,3 +42,16 @@ def tiny_blip_path():
 def sample_dir():
     from sdcourse.sample_data import sample_dataset_dir
     return sample_dataset_dir()
+
+
+@pytest.fixture
+def miniature():
+    """Loads the miniature as notebook 04 samples it (DPM++ 2M Karras), to measure with ``world.hit_rate``."""
+    from sdcourse import models, sampling
+
+    def load(prediction_type: str = "epsilon"):
+        pipe = models.load_pipeline(models.resolve("sd15" if prediction_type == "epsilon" else "sd2", smoke=True))
+        pipe.set_progress_bar_config(disable=True)
+        sampling.set_scheduler(pipe, "DPM++ 2M Karras")
+        return pipe
+    return load
