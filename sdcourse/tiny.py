@@ -89,7 +89,7 @@ def _clip_tokenizer(folder: Path):
 
 def build_sd_pipeline(prediction_type: str = "epsilon"):
     """The miniature's architecture with seeded, untrained weights: the real SD 1.x (epsilon) or
-    SD 2.x (v_prediction) shape, a few million parameters.
+    SD 2.x (v_prediction) shape, about two million parameters.
 
     The VAE downsamples 8x like the real one (4 latent channels), so a 64x64 image has 8x8 latents.
     """
