@@ -89,6 +89,9 @@ class Verdict:
     def matches(self, colour: str | None = None, shape: str | None = None) -> bool:
         return (colour is None or self.colour == colour) and (shape is None or self.shape == shape)
 
+    def describe(self) -> str:
+        return f"{self.colour} {self.shape}" if self.colour else "no shape"
+
 
 TEMPLATE_SIDE = 16
 
