@@ -32,14 +32,14 @@ def test_lora_on_the_sample_brings_purple(pipe, tiny_sd_path, sample_dir, tmp_pa
     result = train(cfg)
     pipe.load_lora_weights(result.final_dir, weight_name=lora.WEIGHT_NAME, adapter_name="course")
     purple = [(world.caption(shape, "purple", background), "purple", None)
-              for shape in world.BASE_SHAPES for background in world.BACKGROUNDS] * 2
+              for shape in world.BASE_SHAPES for background in world.BACKGROUNDS] * 4
     pipe.set_adapters(["course"], adapter_weights=[0.0])
     before = rate(pipe, purple)
     pipe.set_adapters(["course"], adapter_weights=[1.0])
     after = rate(pipe, purple)
-    # Measured: 1 of 18 purple at weight 0, 4 of 18 at weight 1 (on the miniature purple comes in slowly,
-    # through blue-violet that the checker still reads as blue).
-    assert before <= 0.15 and after >= 0.15, f"purple drawn: {before:.0%} at LoRA weight 0, {after:.0%} at 1"
+    # Measured: 1 of 36 purple at weight 0, 6 of 36 at weight 1. On the miniature purple comes in slowly,
+    # through a blue-violet that the checker still reads as blue.
+    assert before <= 0.1 and after >= 0.1, f"purple drawn: {before:.0%} at LoRA weight 0, {after:.0%} at 1"
 
 
 @pytest.fixture
