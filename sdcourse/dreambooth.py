@@ -18,7 +18,11 @@ from pathlib import Path
 
 import pandas as pd
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+from .training_set import IMAGE_SUFFIXES
+
+# The sample data's subject: a colour the miniature's "a photo of a square" does not give (it draws
+# yellow), so what DreamBooth and Textual Inversion teach shows, and sdcourse.world.check measures it.
+SAMPLE_SUBJECT = ("blue", "square")
 
 
 def prior_images(pipe, class_prompt: str, count: int, out_dir: str | Path, steps: int = 30,
@@ -64,7 +68,7 @@ def build_dataset(instance_dir: str | Path, instance_prompt: str, prior_dir: str
 
 def choose_subject(instance_dir: str | Path, class_word: str, use_sample: bool, out_dir: str | Path) -> tuple[Path, str]:
     """The subject's photos and its class word: the learner's folder, or, when asked for (smoke mode,
-    or ``use_sample``), the sample data's red circle on three backgrounds, class "circle"."""
+    or ``use_sample``), the sample data's ``SAMPLE_SUBJECT`` on three backgrounds, its shape the class."""
     from .handover import MissingInput
     from .sample_data import sample_dataset_dir
 
@@ -82,11 +86,12 @@ def choose_subject(instance_dir: str | Path, class_word: str, use_sample: bool, 
         raise MissingInput(
             "DreamBooth needs photos of one subject: put 3-20 photos of it in a folder (on Colab, on Drive), set "
             "INSTANCE_DIR to it and CLASS_WORD to its class (dog, mug, ...), then run this cell again; or tick "
-            "USE_SAMPLE_SUBJECT to try it on the sample data's red circle. The Textual Inversion section below "
+            "USE_SAMPLE_SUBJECT to try it on the sample data's blue square. The Textual Inversion section below "
             "does not need this one.")
+    colour, shape = SAMPLE_SUBJECT
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for path in sorted((sample_dataset_dir() / "images").glob("red_circle_*")):
+    for path in sorted((sample_dataset_dir() / "images").glob(f"{colour}_{shape}_*")):
         shutil.copy2(path, out / path.name)
-    print(f"Subject: the sample data's red circle ({out}), class 'circle'")
-    return out, "circle"
+    print(f"Subject: the sample data's {colour} {shape} ({out}), class '{shape}'")
+    return out, shape

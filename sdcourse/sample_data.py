@@ -1,8 +1,9 @@
 """The bundled sample dataset: coloured shapes on coloured backgrounds, with matching captions.
 
 Small enough to ship and to train on a CPU, regular enough that a model visibly learns it
-("a red circle on a blue background"). Layout is the Hugging Face ``imagefolder`` convention:
-``images/*.png`` plus ``metadata.csv`` with columns ``file_name,text``.
+("a red circle on a gray background"), and holding one colour the miniature model has never
+seen (purple), so that fine-tuning on it visibly teaches something. Layout is the Hugging Face
+``imagefolder`` convention: ``images/*.png`` plus ``metadata.csv`` with columns ``file_name,text``.
 
 Regenerate the committed copy with ``python -m sdcourse.sample_data data/sample``.
 """
@@ -14,27 +15,14 @@ import random
 import sys
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from . import world
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 220), "yellow": (240, 210, 40)}
-BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128)}
-SHAPES = ("circle", "square", "triangle")
-SIZE = 128
-
-
-def draw_shape(shape: str, colour: str, background: str, rng: random.Random, size: int = SIZE) -> Image.Image:
-    img = Image.new("RGB", (size, size), BACKGROUNDS[background])
-    draw = ImageDraw.Draw(img)
-    r = rng.randint(size // 5, size // 3)
-    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
-    fill = COLOURS[colour]
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "square":
-        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    return img
+# Purple is the new concept: the miniature model (sdcourse/miniature) never saw it, and notebook
+# 03's fine-tune on this sample teaches it. The other three colours it knows.
+COLOURS = ("red", "green", "blue", "purple")
+BACKGROUNDS = tuple(world.BACKGROUNDS)
+SHAPES = world.BASE_SHAPES
+draw_shape = world.draw  # 128 px by default; the name practice.py and the tests import
 
 
 def sample_records(seed: int = 0):
@@ -44,7 +32,7 @@ def sample_records(seed: int = 0):
         for colour in COLOURS:
             for background in BACKGROUNDS:
                 name = f"images/{colour}_{shape}_on_{background}.png"
-                caption = f"a {colour} {shape} on a {background} background"
+                caption = world.caption(shape, colour, background)
                 yield name, caption, draw_shape(shape, colour, background, rng)
 
 

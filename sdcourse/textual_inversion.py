@@ -40,7 +40,7 @@ TEMPLATES = {
 @dataclass
 class TIConfig:
     model: str = "sd15"                  # preset, hub id or local folder
-    dataset: str = "outputs/dataset"     # images (metadata.csv; the captions are not used)
+    dataset: str = "outputs/dataset"     # a folder of images, with or without metadata.csv (captions are not used)
     output_dir: str = "outputs/textual_inversion"
     token: str = "<my-style>"            # the new word; pick one the tokenizer does not know
     init_word: str = "painting"          # its embedding starts from this word's
@@ -102,7 +102,7 @@ def train_embedding(cfg: TIConfig, on_step=None) -> TIResult:
     others = torch.arange(len(embeddings), device=device) != token_id
     original = embeddings.detach().clone()
 
-    images = CaptionedImages(cfg.dataset, cfg.resolution, cfg.resolution, crop="center", seed=cfg.seed)
+    images = CaptionedImages(cfg.dataset, cfg.resolution, cfg.resolution, crop="center", seed=cfg.seed, captions=False)
     latents = []
     for i in range(len(images)):  # a style or an object: a handful of images, encoded once
         item = images[i]

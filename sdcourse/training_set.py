@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
 
 def bucket_sizes(width: int, height: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
     """NovelAI-style buckets: sizes with about the area of width x height, aspect ratios up to 2:1.
@@ -39,26 +41,33 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     Item ``i`` is ``{"index", "text", "pixels" (3, H, W) in [-1, 1]}``, or ``"error"`` instead of
     pixels when the image cannot be read: the training loop reports and skips it. Crops and flips
-    are drawn from (seed, epoch, index), so they are the same after a resume.
+    are drawn from (seed, epoch, index), so they are the same after a resume. ``captions=False``
+    (Textual Inversion, which writes its own) also reads a plain folder of images, captioned "".
     """
 
     def __init__(self, folder: str | Path, width: int, height: int, crop: str = "random", flip: bool = False,
-                 buckets: bool = False, seed: int = 0):
+                 buckets: bool = False, seed: int = 0, captions: bool = True):
         import pandas as pd
 
         self.folder, self.crop, self.flip, self.seed, self.epoch = Path(folder), crop, flip, seed, 0
         csv = self.folder / "metadata.csv"
-        if not csv.exists():
-            raise FileNotFoundError(f"{csv} does not exist. A dataset folder holds the images and a metadata.csv "
-                                    "with columns file_name,text (notebooks 01 and 02 write one).")
-        table = pd.read_csv(csv, dtype=str, keep_default_na=False)
-        missing = {"file_name", "text"} - set(table.columns)
-        if missing:
-            raise ValueError(f"{csv} has no column {sorted(missing)}; it needs file_name,text (it has {list(table.columns)}).")
-        blank = [i + 2 for i, name in enumerate(table.file_name) if not name.strip()]  # +2: header, 1-based
-        if blank:
-            raise ValueError(f"{csv}: empty file_name on line(s) {blank}. Fix or delete those lines.")
-        self.files, self.texts = list(table.file_name), list(table.text)
+        if not captions and not csv.exists():
+            self.files = sorted(p.name for p in self.folder.iterdir()
+                                if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            self.texts = [""] * len(self.files)
+        else:
+            if not csv.exists():
+                raise FileNotFoundError(f"{csv} does not exist. A dataset folder holds the images and a metadata.csv "
+                                        "with columns file_name,text (notebooks 01 and 02 write one).")
+            table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+            missing = {"file_name", "text"} - set(table.columns)
+            if missing:
+                raise ValueError(f"{csv} has no column {sorted(missing)}; it needs file_name,text "
+                                 f"(it has {list(table.columns)}).")
+            blank = [i + 2 for i, name in enumerate(table.file_name) if not name.strip()]  # +2: header, 1-based
+            if blank:
+                raise ValueError(f"{csv}: empty file_name on line(s) {blank}. Fix or delete those lines.")
+            self.files, self.texts = list(table.file_name), list(table.text)
         self.unreadable: dict[int, str] = {}
         if buckets:
             choices = bucket_sizes(width, height)

@@ -119,6 +119,7 @@ class ValidationImages:
                 model_id, unet=unet, vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer,
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
             self.pipe.scheduler.register_to_config(prediction_type=m.noise_scheduler.config.prediction_type)
+            sampling.set_scheduler(self.pipe, cfg.validation_scheduler)
             self.pipe.set_progress_bar_config(disable=True)
 
     def show(self, step: int) -> None:

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-# Tiny models are built once per machine into this cache (a few MB); tests never touch the hub.
+# The tiny BLIP is built once per machine into this cache (the SD miniature ships with the package);
+# tests never touch the hub.
 os.environ.setdefault("SDCOURSE_CACHE", str(Path.home() / ".cache" / "sdcourse"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -22,6 +23,16 @@ def tiny_sd_v_path():
 
 
 @pytest.fixture(scope="session")
+def untrained_sd_path(tmp_path_factory):
+    """The miniature's architecture with its seeded initial weights: for tests that watch learning from scratch."""
+    from sdcourse import tiny
+    folder = tmp_path_factory.mktemp("untrained-sd")
+    tiny.build_sd_pipeline("epsilon").save_pretrained(folder, safe_serialization=True)
+    tiny.to_hub_layout(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def tiny_blip_path():
     from sdcourse import tiny
     return tiny.blip_path()
@@ -31,3 +42,16 @@ def tiny_blip_path():
 def sample_dir():
     from sdcourse.sample_data import sample_dataset_dir
     return sample_dataset_dir()
+
+
+@pytest.fixture
+def miniature():
+    """Loads the miniature as notebook 04 samples it (DPM++ 2M Karras), to measure with ``world.hit_rate``."""
+    from sdcourse import models, sampling
+
+    def load(prediction_type: str = "epsilon"):
+        pipe = models.load_pipeline(models.resolve("sd15" if prediction_type == "epsilon" else "sd2", smoke=True))
+        pipe.set_progress_bar_config(disable=True)
+        sampling.set_scheduler(pipe, "DPM++ 2M Karras")
+        return pipe
+    return load

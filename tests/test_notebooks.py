@@ -1,4 +1,4 @@
-"""Every notebook of the course runs top to bottom in smoke mode (tiny models, sample data, CPU).
+"""Every notebook of the course runs top to bottom in smoke mode (the miniature, sample data, CPU).
 
 They run in order as a learner's would on Colab: each notebook in a fresh working folder (a new
 runtime with its own disk), handing over only through one shared outputs root (Google Drive): 03
@@ -33,6 +33,24 @@ def test_notebook_runs_in_smoke_mode(path, course_outputs, tmp_path):
     check_ran(book)
 
 
+def test_the_course_fine_tune_taught_the_miniature_purple(course_outputs, miniature):
+    """Notebook 03's smoke fine-tune, run above in the course's order on notebook 01's tag-captioned sample,
+    makes the miniature draw the colour it had never seen; measured from pixels by world.check."""
+    from diffusers import UNet2DConditionModel
+    from sdcourse import world
+
+    final = course_outputs / "finetune" / "final"
+    assert (final / "model_index.json").exists(), "notebook 03 did not run (run the whole file)"
+    purple = [("purple", shape, background) for shape in world.BASE_SHAPES for background in world.BACKGROUNDS]
+    prompts = [(prompt, "purple", None) for style in (world.caption, world.tag_caption)
+               for prompt, _, _ in world.expectations(purple, style)] * 2  # two seeds each: 36 pictures
+    pipe = miniature()
+    before = world.hit_rate(pipe, prompts)
+    pipe.unet = UNet2DConditionModel.from_pretrained(final, subfolder="unet")
+    after = world.hit_rate(pipe, prompts)
+    assert before <= 0.1 and after >= 0.2, f"purple drawn: {before:.0%} before, {after:.0%} after"
+
+
 def test_the_sd2_flavour_goes_through_03_04_05(tmp_path):
     outputs = tmp_path / "drive"
     for number in ("03", "04", "05"):
@@ -40,7 +58,7 @@ def test_the_sd2_flavour_goes_through_03_04_05(tmp_path):
         book = execute_notebook(NOTEBOOKS[number], outputs, smoke=True, params=params, workdir=tmp_path / number)
         check_ran(book)
     text = "".join(o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.outputs)
-    assert "tiny-sd-v" in text and "v_prediction prediction" in text  # 05 merged onto the SD 2 base
+    assert "miniature/sd-v" in text and "v_prediction prediction" in text  # 05 merged onto the SD 2 base
 
 
 @pytest.mark.parametrize("number, smoke, needs", [("04", True, "run notebook 03 first"),

@@ -25,11 +25,11 @@ def unet_weights(folder) -> dict:
     return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-def test_loss_falls_and_the_result_loads(tmp_path, tiny_sd_path, sample_dir):
-    # Predicting zero noise scores E[noise^2] = 1, and the random tiny UNet starts at or above that.
+def test_loss_falls_and_the_result_loads(tmp_path, untrained_sd_path, sample_dir):
+    # Predicting zero noise scores E[noise^2] = 1, and the untrained UNet starts at or above that.
     # Getting well below 1 means the UNet has learned to pull the noise out of noisy sample latents;
     # 0.6 leaves a wide margin over the ~0.34 this seeded run reaches (its steps scatter by ~0.05).
-    cfg = config(tmp_path, tiny_sd_path, sample_dir, max_steps=40, validate_every=40, validation_steps=2,
+    cfg = config(tmp_path, untrained_sd_path, sample_dir, max_steps=40, validate_every=40, validation_steps=2,
                  validation_prompts=["a red circle on a white background"], validation_seeds=[0])
     result = train.train(cfg)
     last = sum(result.losses[-10:]) / 10
