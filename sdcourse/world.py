@@ -1,8 +1,9 @@
 """The miniature's world: coloured shapes on plain backgrounds, their captions, and a pixel checker.
 
 The miniature Stable Diffusion (``sdcourse/miniature``, built by ``scripts/build_miniature.py``) is
-trained on the ``BASE_COLOURS`` part of this world; ``purple`` (the sample dataset's new concept,
-learned in notebook 03) and ``pink`` and ``star`` (left for notebook 06) it never saw.
+trained on the ``BASE_COLOURS`` and ``BASE_SHAPES`` part of this world; ``purple`` (the sample
+dataset's new concept, learned in notebook 03 and by notebook 06's LoRA), ``pink`` and ``star`` it
+never saw.
 ``check`` reads a picture back: the colour and shape of its main object, so tests can measure
 what a model draws instead of only that it draws something.
 
