@@ -8,6 +8,12 @@ import pytest
 os.environ.setdefault("SDCOURSE_CACHE", str(Path.home() / ".cache" / "sdcourse"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker per core (scripts/test.sh): torch's own threads would only contend with the other
+    # workers. The environment variable reaches the kernels that execute the notebooks.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -51,16 +51,6 @@ def test_the_course_fine_tune_taught_the_miniature_purple(course_outputs, miniat
     assert before <= 0.1 and after >= 0.2, f"purple drawn: {before:.0%} before, {after:.0%} after"
 
 
-def test_the_sd2_flavour_goes_through_03_04_05(tmp_path):
-    outputs = tmp_path / "drive"
-    for number in ("03", "04", "05"):
-        params = {"MODEL": "sd2"} if number == "03" else {}
-        book = execute_notebook(NOTEBOOKS[number], outputs, smoke=True, params=params, workdir=tmp_path / number)
-        check_ran(book)
-    text = "".join(o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.outputs)
-    assert "miniature/sd-v" in text and "v_prediction prediction" in text  # 05 merged onto the SD 2 base
-
-
 @pytest.mark.parametrize("number, smoke, needs", [("04", True, "run notebook 03 first"),
                                                   ("02", False, "run notebook 01 (then 02 for captions) first")])
 def test_a_missing_predecessor_stops_the_notebook_with_the_ways_on(tmp_path, number, smoke, needs):
