@@ -6,6 +6,9 @@ Each attention projection W (to_q, to_k, to_v, to_out) gets a trainable W + B·A
 result is a file of a few megabytes that loads on top of the base model (Hu et al. 2021). peft implements the
 layers; diffusers loads and saves them. The scale alpha/rank is fixed to 1 (alpha = rank), which keeps
 the exported web-UI file's ``alpha`` honest.
+
+LoRAs stack: ``apply_lora_tags`` reads a prompt's ``<lora:name:weight>`` tags as the web UIs do and
+weights those adapters; ``fuse_into`` folds one into a UNet's weights, a whole model to merge with others.
 """
 
 from __future__ import annotations
