@@ -227,3 +227,20 @@ def test_inpainting_draws_inside_the_mask_and_keeps_the_rest(pipe):
     assert sum(v.colour == "blue" for v in readings) >= 4, (readings, drift)
     with pytest.raises(ValueError, match="draw the mask at the picture's size"):
         sampling.inpaint(pipe, image, mask.resize((32, 32)), prompt, seeds=[0])
+
+
+def test_notebook_07_finds_06s_loras_or_says_what_to_do(tmp_path):
+    from sdcourse import handover, runtime
+
+    rt = runtime.setup(smoke=True, outputs=tmp_path / "outputs")
+    with pytest.raises(handover.MissingInput, match=r"No style LoRA: .*lora/final/pytorch_lora_weights.safetensors "
+                                                    r"does not exist. Ways on: run notebook 06 first"):
+        handover.loras(rt)
+    for parts in handover.LORA_OUTPUTS.values():
+        folder = rt.path(*parts)
+        (folder / lora.WEIGHT_NAME).write_bytes(b"")
+    kohya = tmp_path / "mine.safetensors"
+    with pytest.raises(handover.MissingInput, match="The file you chose for 'subject'"):
+        handover.loras(rt, subject=str(kohya))
+    kohya.write_bytes(b"")
+    assert handover.loras(rt, subject=str(kohya)) == {"style": rt.outputs / "lora" / "final", "subject": kohya}
