@@ -14,6 +14,7 @@ weights those adapters; ``fuse_into`` folds one into a UNet's weights, a whole m
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -131,8 +132,10 @@ def apply_lora_tags(pipe, prompt: str, loras: dict[str, str | Path]) -> str:
             folder, file = (path.parent, path.name) if path.suffix == ".safetensors" else (path, WEIGHT_NAME)
             if not (folder / file).is_file():
                 raise FileNotFoundError(f"<lora:{name}:...>: {folder / file} does not exist.")
-            # weight_name: diffusers before 0.40 (Colab has 0.39) needs it to load a folder offline
-            pipe.load_lora_weights(str(folder), weight_name=file, adapter_name=name)
+            with warnings.catch_warnings():  # peft warns at every adapter after the first: stacking is the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                # weight_name: diffusers before 0.40 (Colab has 0.39) needs it to load a folder offline
+                pipe.load_lora_weights(str(folder), weight_name=file, adapter_name=name)
             loaded.add(name)
     if weights:
         pipe.enable_lora()
