@@ -8,12 +8,14 @@ thresholds leave a margin to the figures measured on the shipped miniature, writ
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from safetensors.torch import save_file
 
 from sdcourse import dreambooth, export, lora, memory, models, sampling, world
 from sdcourse.train import TrainConfig, train
@@ -164,6 +166,15 @@ def test_block_weighted_merge_takes_each_block_from_its_ratio(tiny_sd_path, tmp_
     assert torch.equal(mbw["conv_in.weight"], base["conv_in.weight"])
     assert torch.equal(mbw["down_blocks.1.resnets.0.conv1.weight"], other["down_blocks.1.resnets.0.conv1.weight"])
     assert torch.equal(mbw["up_blocks.0.resnets.0.conv1.weight"], base["up_blocks.0.resnets.0.conv1.weight"])
+    # Whole pipeline folders: the UNet by block, the rest by the weights; what was merged is written down.
+    other_dir = tmp_path / "other"
+    shutil.copytree(tiny_sd_path, other_dir)
+    save_file(other, other_dir / "unet" / export.COMPONENT_WEIGHTS["unet"])
+    out = export.merge_pipelines([tiny_sd_path, other_dir], [1.0, 0.0], tmp_path / "merged", unet_ratios={"mid_block": 1})
+    unet = export.load_component(out, "unet")
+    assert all(torch.equal(unet[k], (other if k.startswith("mid_block.") else base)[k]) for k in unet)
+    assert json.loads((out / "merge.json").read_text())["unet_blocks"] == {
+        "down_blocks.0": 0.0, "down_blocks.1": 0.0, "mid_block": 1.0, "up_blocks.0": 0.0, "up_blocks.1": 0.0}
 
 
 def test_models_of_different_architectures_are_refused_with_the_layers_named(tiny_sd_path, tmp_path):
