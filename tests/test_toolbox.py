@@ -273,11 +273,11 @@ def test_a_negative_embedding_keeps_what_it_learned_out_of_the_pictures(pipe, ti
     prompts = [f"a {c} {s}" for c in world.BASE_COLOURS for s in world.BASE_SHAPES]
     backgrounds = {}
     for negative in (None, token):
-        images = sampling.generate(pipe, prompts, [0, 1], steps=STEPS, height=64, width=64, negative_prompt=negative)
+        images = sampling.generate(pipe, prompts, [0], steps=STEPS, height=64, width=64, negative_prompt=negative)
         backgrounds[negative] = [world.background(im) for im in images]
     light = {negative: found.count("white") for negative, found in backgrounds.items()}
-    # Measured: on white 0 of 30 without it (26 gray, 4 black), 29 of 30 with it.
-    assert light[None] <= 6 and light[token] >= 24, backgrounds
+    # Measured: on white 0 of 15 without it (13 gray, 2 black), 14 of 15 with it (as notebook 07 shows).
+    assert light[None] <= 3 and light[token] >= 12, backgrounds
 
 
 def test_background_reads_the_border():
