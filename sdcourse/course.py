@@ -24,7 +24,7 @@ QUICK_START = NOTEBOOKS / "quick_start.ipynb"
 
 
 def notebook_paths() -> list[Path]:
-    """The quick start (the README lists it first), then the ordered course, 00..06."""
+    """The quick start (the README lists it first), then the ordered course, 00..07."""
     return [QUICK_START] + sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
 

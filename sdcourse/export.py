@@ -2,7 +2,10 @@
 
 - ``merge_pipelines``: a checkpoint merge is a weighted sum of weights, tensor by tensor
   (``0.7 * A + 0.3 * B``), or "add difference" (``A + alpha * (B - C)``: B's change from C, grafted
-  onto A). Works on diffusers pipeline folders, component by component.
+  onto A). Works on diffusers pipeline folders, component by component; any two models of one
+  architecture, the learner's fine-tune and someone else's alike.
+- ``block_weighted_sum``: the same with one ratio per UNet block (the web UI's "merge block weighted"),
+  in diffusers' block names or the web UI's 25 values IN00-IN11, M00, OUT00-OUT11.
 - ``export_single_file``: one ``.safetensors`` file with the original Stable Diffusion ("LDM") key
   names, the format the AUTOMATIC1111 web UI, ComfyUI and ``StableDiffusionPipeline.from_single_file``
   load. diffusers only ships the opposite conversion, so the key mapping is written out here from the
@@ -61,7 +64,27 @@ def _config(pipeline_dir: str | Path, component: str) -> dict:
 
 # --- Merging -----------------------------------------------------------------------------------
 
-def weighted_sum(state_dicts: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+def check_same_architecture(state_dicts: list[dict[str, torch.Tensor]], names: list[str] | None = None) -> None:
+    """Raise ``ValueError`` unless every state dict has the first one's layers with the same shapes; the
+    message names the layers that differ (an SD 1.x UNet reads 768-wide text, an SD 2.x one 1024-wide)."""
+    names = names or [f"model {i}" for i in range(len(state_dicts))]
+    first = state_dicts[0]
+    for name, other in zip(names[1:], state_dicts[1:]):
+        only_here, only_first = sorted(other.keys() - first.keys()), sorted(first.keys() - other.keys())
+        if only_here or only_first:
+            raise ValueError(f"{name} has different layers from {names[0]}: {len(only_here)} only in {name} "
+                             f"(e.g. {only_here[:2]}), {len(only_first)} only in {names[0]} (e.g. {only_first[:2]}). "
+                             "Only models of the same architecture can be merged (SD 1.x with SD 1.x, SD 2.x with SD 2.x).")
+        shapes = [(k, tuple(t.shape), tuple(first[k].shape)) for k, t in other.items() if t.shape != first[k].shape]
+        if shapes:
+            key, here, there = shapes[0]
+            more = f" (and {len(shapes) - 1} more layers of other shapes)" if len(shapes) > 1 else ""
+            raise ValueError(f"{name}: {key} has shape {here}, {names[0]} has {there}{more}: only models of the same "
+                             "architecture can be merged (SD 1.x with SD 1.x, SD 2.x with SD 2.x).")
+
+
+def weighted_sum(state_dicts: list[dict[str, torch.Tensor]], weights: list[float],
+                 names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """sum_i weights[i] * state_dicts[i], in fp32, each tensor returned in the first dict's dtype.
 
     Tensors that are not floating point (``position_ids``, counters) are indices, not weights: they
@@ -69,16 +92,8 @@ def weighted_sum(state_dicts: list[dict[str, torch.Tensor]], weights: list[float
     """
     if len(state_dicts) != len(weights) or not state_dicts:
         raise ValueError(f"need one weight per model, got {len(state_dicts)} models and {len(weights)} weights")
+    check_same_architecture(state_dicts, names)
     first = state_dicts[0]
-    for i, other in enumerate(state_dicts[1:], start=1):
-        if other.keys() != first.keys():
-            diff = sorted(other.keys() ^ first.keys())[:3]
-            raise ValueError(f"model {i} has different layers from model 0 (e.g. {diff}): only models of the "
-                             f"same architecture can be merged")
-        for key, tensor in other.items():
-            if tensor.shape != first[key].shape:
-                raise ValueError(f"model {i}: {key} has shape {tuple(tensor.shape)}, model 0 has "
-                                 f"{tuple(first[key].shape)}: only models of the same architecture can be merged")
     return {key: sum(w * sd[key].float() for sd, w in zip(state_dicts, weights)).to(first[key].dtype)
             if first[key].is_floating_point() else first[key].clone() for key in first}
 
@@ -88,26 +103,113 @@ def add_difference(a: dict, b: dict, c: dict, alpha: float) -> dict[str, torch.T
     return weighted_sum([a, b, c], [1.0, alpha, -alpha])
 
 
+# --- Block-weighted merges: one ratio per UNet block -----------------------------------------------
+#
+# Two block schemes name the same UNet. diffusers': down_blocks.0..3, mid_block, up_blocks.0..3 (9 for SD 1.x).
+# The web UI's merge-block-weighted ("MBW") scheme counts the original code's blocks: IN00-IN11, M00,
+# OUT00-OUT11, 25 for SD 1.x. There IN00 is conv_in; each further IN is one resnet with its attention,
+# or a downsampler (IN03, IN06, IN09); OUT02, OUT05 and OUT08 hold an upsampler too. The mapping is the
+# single-file export's key mapping below (``_unet_prefixes``), so it follows any SD 1.x/2.x config. The
+# time embedding and the output layers (conv_norm_out, conv_out; in diffusers' scheme also conv_in) belong
+# to no block: they take ``base``, the ratio of the whole merge, as does the web UI's "base alpha".
+
+def unet_block_names(config: dict, scheme: str = "diffusers") -> list[str]:
+    """The blocks of a UNet config, in order, in the "diffusers" or the web UI's "mbw" scheme."""
+    n = len(config["block_out_channels"])
+    if scheme == "diffusers":
+        return [f"down_blocks.{b}" for b in range(n)] + ["mid_block"] + [f"up_blocks.{b}" for b in range(n)]
+    if scheme == "mbw":
+        per_side = n * (config["layers_per_block"] + 1)
+        return [f"IN{i:02d}" for i in range(per_side)] + ["M00"] + [f"OUT{i:02d}" for i in range(per_side)]
+    raise ValueError(f"scheme {scheme!r}: choose 'diffusers' or 'mbw'")
+
+
+def unet_block_of(key: str, config: dict, scheme: str = "diffusers") -> str | None:
+    """The block a diffusers UNet key belongs to (``unet_block_names``), None for the layers outside every block."""
+    if scheme == "diffusers":
+        parts = key.split(".")
+        return ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else (
+            "mid_block" if parts[0] == "mid_block" else None)
+    kind, number = _rename(key, _unet_prefixes(config), []).split(".")[:2]
+    if kind == "input_blocks":
+        return f"IN{int(number):02d}"
+    if kind == "output_blocks":
+        return f"OUT{int(number):02d}"
+    return "M00" if kind == "middle_block" else None
+
+
+def block_ratios(config: dict, ratios, base: float = 0.5) -> tuple[str, dict[str, float]]:
+    """(scheme, {block: ratio}) from what a learner writes: a dict by block name (blocks left out take
+    ``base``), or one value per block in order, as a list or the web UI's comma-separated string, in
+    either scheme (9 or 25 values for SD 1.x; 26 with the base ratio first, as supermerger writes it)."""
+    schemes = {s: unet_block_names(config, s) for s in ("diffusers", "mbw")}
+    if isinstance(ratios, dict):
+        scheme = "mbw" if set(ratios) <= set(schemes["mbw"]) else "diffusers"
+        unknown = sorted(set(ratios) - set(schemes[scheme]))
+        if unknown:
+            raise ValueError(f"unknown UNet blocks {unknown}; this UNet's blocks are {', '.join(schemes['diffusers'])} "
+                             f"or, in the web UI's scheme, {', '.join(schemes['mbw'])}")
+        return scheme, {name: float(ratios.get(name, base)) for name in schemes[scheme]}
+    values = [float(v) for v in (ratios.split(",") if isinstance(ratios, str) else ratios)]
+    for scheme, names in schemes.items():
+        if len(values) == len(names):
+            return scheme, dict(zip(names, values))
+    if len(values) == len(schemes["mbw"]) + 1:
+        return "mbw", dict(zip(schemes["mbw"], values[1:]))
+    raise ValueError(f"{len(values)} block ratios: this UNet has {len(schemes['diffusers'])} blocks "
+                     f"({', '.join(schemes['diffusers'])}) or {len(schemes['mbw'])} in the web UI's scheme "
+                     f"(IN00-{schemes['mbw'][len(schemes['mbw']) // 2 - 1]}, M00, OUT00-{schemes['mbw'][-1]})")
+
+
+def block_weighted_sum(a: dict, b: dict, ratios, config: dict, base: float = 0.5,
+                       names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Two UNets merged block by block: ``(1 - r) * A + r * B`` with each block's ratio r (``block_ratios``;
+    0 keeps A's block, 1 takes B's), ``base`` for the layers outside the blocks."""
+    check_same_architecture([a, b], names)
+    scheme, per_block = block_ratios(config, ratios, base)
+    merged = {}
+    for key, tensor in a.items():
+        if not tensor.is_floating_point():
+            merged[key] = tensor.clone()
+            continue
+        block = unet_block_of(key, config, scheme)
+        r = base if block is None else per_block[block]
+        merged[key] = ((1 - r) * tensor.float() + r * b[key].float()).to(tensor.dtype)
+    return merged
+
+
 def merge_pipelines(pipeline_dirs: list[str | Path], weights: list[float], out_dir: str | Path,
-                    components: tuple[str, ...] = ("unet", "text_encoder", "vae")) -> Path:
+                    components: tuple[str, ...] = ("unet", "text_encoder", "vae"), unet_ratios=None) -> Path:
     """Weighted merge of diffusers pipeline folders of one architecture into ``out_dir``.
 
     Scheduler, tokenizer and configs come from the first folder. Components whose weights are equal
     in all folders (a frozen VAE, say) come out unchanged. Each merged component is written by its
     model's ``save_pretrained``, in the first folder's dtype, with the names the installed libraries write.
+    ``unet_ratios`` (two folders, ``weights`` = [1 - r, r]): the UNet merged block by block
+    (``block_weighted_sum``, with r for the layers outside the blocks), the rest by ``weights``.
     """
     out_dir = Path(out_dir)
+    if unet_ratios is not None and len(pipeline_dirs) != 2:
+        raise ValueError(f"a block-weighted merge takes two models, got {len(pipeline_dirs)}")
     with atomic_dir(out_dir) as tmp:
         shutil.copytree(pipeline_dirs[0], tmp, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.ckpt"))
         for component in components:
             first = load_model(pipeline_dirs[0], component)
             others = [load_component(d, component) for d in pipeline_dirs[1:]]
-            first.load_state_dict(weighted_sum([first.state_dict(), *others], weights))
+            names = [f"{d}/{component}" for d in pipeline_dirs]
+            if component == "unet" and unet_ratios is not None:
+                merged = block_weighted_sum(first.state_dict(), others[0], unet_ratios, dict(first.config),
+                                            base=weights[1], names=names)
+            else:
+                merged = weighted_sum([first.state_dict(), *others], weights, names)
+            first.load_state_dict(merged)
             first.save_pretrained(tmp / component, safe_serialization=True)
-            del first, others
-        (tmp / "merge.json").write_text(json.dumps(
-            {"models": [str(d) for d in pipeline_dirs], "weights": weights, "components": list(components)}, indent=2))
+            del first, others, merged
+        record = {"models": [str(d) for d in pipeline_dirs], "weights": weights, "components": list(components)}
+        if unet_ratios is not None:
+            record["unet_blocks"] = block_ratios(_config(pipeline_dirs[0], "unet"), unet_ratios, weights[1])[1]
+        (tmp / "merge.json").write_text(json.dumps(record, indent=2))
     return out_dir
 
 

@@ -127,6 +127,32 @@ def base_model(rt: Runtime, override: str = "") -> str:
                            "hub id also works.)") from None
 
 
+# Notebook 06's two LoRAs, by the names notebook 07's prompt tags use: <lora:style:0.8>, <lora:subject:1>.
+LORA_OUTPUTS = {"style": ("lora", "final"), "subject": ("dreambooth", "lora", "final")}
+
+
+def loras(rt: Runtime, **folders: str) -> dict[str, Path]:
+    """Notebook 06's LoRAs (``outputs/lora/final``, the style; ``outputs/dreambooth/lora/final``, the
+    subject), or the folders or ``.safetensors`` files given by name (``style="..."``)."""
+    from .lora import WEIGHT_NAME
+
+    found = {}
+    for name, parts in LORA_OUTPUTS.items():
+        chosen = folders.get(name, "")
+        path = Path(chosen) if chosen else rt.outputs.joinpath(*parts)
+        file = path if path.suffix == ".safetensors" else path / WEIGHT_NAME
+        if not file.is_file():
+            chosen_text = f"The file you chose for {name!r}, {file}," if chosen else f"{file}"
+            raise MissingInput(
+                f"No {name} LoRA: {chosen_text} does not exist. Ways on: run notebook 06 first (it writes "
+                f"{'/'.join(parts)}); or set the {name.upper()}_LORA setting to a LoRA folder or a .safetensors file "
+                "(kohya's format, as the web UIs share them). " + ("" if chosen else _drive_hint(rt)))
+        found[name] = path
+    print("LoRAs: " + ", ".join(f"<lora:{name}:...> = {path}" for name, path in found.items())
+          + (" (notebook 06)" if not any(folders.values()) else ""))
+    return found
+
+
 def check_unet_fits(pipe, unet, source: str | Path = "the fine-tuned UNet") -> None:
     """Raise ``ModelMismatch`` when ``unet`` cannot run in ``pipe`` (instead of a shape error mid-sampling)."""
     text_width = pipe.text_encoder.config.hidden_size

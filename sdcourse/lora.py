@@ -6,10 +6,16 @@ Each attention projection W (to_q, to_k, to_v, to_out) gets a trainable W + B·A
 result is a file of a few megabytes that loads on top of the base model (Hu et al. 2021). peft implements the
 layers; diffusers loads and saves them. The scale alpha/rank is fixed to 1 (alpha = rank), which keeps
 the exported web-UI file's ``alpha`` honest.
+
+LoRAs stack: ``apply_lora_tags`` reads a prompt's ``<lora:name:weight>`` tags as the web UIs do and
+weights those adapters; ``fuse_into`` folds one into a UNet's weights, a whole model to merge with others.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -78,3 +84,76 @@ def export_kohya(folder: str | Path, out_file: str | Path) -> Path:
     save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"ss_network_module": "networks.lora"})
     tmp.replace(out_file)
     return out_file
+
+
+# --- Stacked LoRAs, written in the prompt as the web UIs do: "<lora:style:0.8>, <lora:subject:1>" ----------
+
+LORA_TAG = re.compile(r"<lora:([^:<>]*)(?::([^<>]*))?>")
+
+
+def parse_lora_tags(prompt: str, known: Iterable[str] = ()) -> tuple[str, dict[str, float]]:
+    """The prompt without its ``<lora:name:weight>`` tags, and {name: weight} in the order written.
+
+    As in the AUTOMATIC1111 web UI, ``<lora:name>`` means weight 1 and the tags take no part in the text
+    the text encoder reads. ``known``: the LoRA names there are; an unknown name is an error naming them.
+    """
+    known = list(known)
+    weights: dict[str, float] = {}
+    for match in LORA_TAG.finditer(prompt):
+        tag, name, weight = match.group(0), match.group(1).strip(), match.group(2)
+        if not name:
+            raise ValueError(f"{tag} in the prompt names no LoRA: write <lora:name:weight>, e.g. <lora:style:0.8>.")
+        if known and name not in known:
+            raise ValueError(f"{tag}: no LoRA named {name!r}; the LoRAs known here are {', '.join(known)}.")
+        try:
+            weights[name] = 1.0 if weight is None else float(weight)
+        except ValueError:
+            raise ValueError(f"{tag}: the weight {weight!r} is not a number; write e.g. <lora:{name}:0.8>.") from None
+    stripped = LORA_TAG.sub("", prompt)
+    if "<lora:" in stripped:
+        raise ValueError(f"Unclosed LoRA tag in {prompt!r}: write <lora:name:weight>, e.g. <lora:style:0.8>.")
+    # Commas the tags leave behind ("a cat, <lora:x:1>") are removed with them.
+    text = re.sub(r"\s*,(\s*,)+", ",", re.sub(r"\s+", " ", stripped)).strip(" ,")
+    return text, weights
+
+
+def apply_lora_tags(pipe, prompt: str, loras: dict[str, str | Path]) -> str:
+    """Load and weight the LoRAs a prompt's tags name; return the prompt without them.
+
+    ``loras``: name -> a folder saved by ``save_lora`` or a ``.safetensors`` file (kohya's format, as
+    ``export_kohya`` writes and the web UIs share). Each is loaded once, as an adapter of that name;
+    a prompt without tags runs the plain model, as in the web UI.
+    """
+    text, weights = parse_lora_tags(prompt, loras)
+    loaded = {name for names in pipe.get_list_adapters().values() for name in names}
+    for name in weights:
+        if name not in loaded:
+            path = Path(loras[name])
+            folder, file = (path.parent, path.name) if path.suffix == ".safetensors" else (path, WEIGHT_NAME)
+            if not (folder / file).is_file():
+                raise FileNotFoundError(f"<lora:{name}:...>: {folder / file} does not exist.")
+            with warnings.catch_warnings():  # peft warns at every adapter after the first: stacking is the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                # weight_name: diffusers before 0.40 (Colab has 0.39) needs it to load a folder offline
+                pipe.load_lora_weights(str(folder), weight_name=file, adapter_name=name)
+            loaded.add(name)
+    if weights:
+        pipe.enable_lora()
+        pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
+    elif loaded:
+        pipe.disable_lora()
+    return text
+
+
+def fuse_into(unet_state: dict[str, torch.Tensor], folder: str | Path, weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """A UNet's weights with a LoRA saved by ``save_lora`` folded in, W + weight·B·A (alpha = rank, as
+    ``add_lora`` sets it): a whole model that draws what the LoRA taught, e.g. to merge with another."""
+    layers = _unet_peft_state(folder)
+    fused = dict(unet_state)
+    for key, down in layers.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removesuffix(".lora_A.weight")
+            target = fused[module + ".weight"]
+            delta = layers[module + ".lora_B.weight"].float() @ down.float()
+            fused[module + ".weight"] = (target.float() + weight * delta.to(target.device)).to(target.dtype)
+    return fused

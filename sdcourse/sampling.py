@@ -4,6 +4,7 @@
     images = generate(pipe, ["a girl in a maid outfit holding a teapot"], seeds=[0, 1], steps=30)
     per_model = generate_per_unet(pipe, {"base": pipe.unet, "fine-tuned": "outputs/finetune/final"}, ...)
     trace = trace_denoising(pipe, prompt, seed=0, steps=40, capture=(1, 5, 10, 20, 30, 40))
+    strip = img2img_strip(pipe, picture, "a watercolour painting", strengths=[0.3, 0.6, 0.9], seed=0)
 
 The base model and its fine-tunes share the VAE, the text encoder and the tokenizer (only the UNet
 is trained), so one pipeline serves them all: swapping its UNet costs one UNet in memory
@@ -69,14 +70,20 @@ def set_freeu(pipe, enabled: bool) -> None:
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 30, guidance_scale: float = 7.5,
              height: int | None = None, width: int | None = None, negative_prompt: str | None = None,
-             *, freeu: bool = False) -> list[Image.Image]:
+             *, freeu: bool = False, loras: dict | None = None) -> list[Image.Image]:
     """One image per (prompt, seed), prompt-major: [p0s0, p0s1, ..., p1s0, ...]. Same seeds, same images.
 
     The starting noise comes from a CPU generator, so a seed gives the same starting noise on any device.
+    ``loras`` (name -> folder or file): prompts may stack them as the web UIs do, ``<lora:name:0.8>``
+    (``lora.apply_lora_tags``); a prompt without tags runs without LoRA.
     """
+    from .lora import apply_lora_tags
+
     set_freeu(pipe, freeu)
     images = []
     for prompt in prompts:
+        if loras is not None:
+            prompt = apply_lora_tags(pipe, prompt, loras)
         for seed in seeds:
             images += pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
                            guidance_scale=guidance_scale, height=height, width=width,
@@ -157,6 +164,73 @@ def generate_per_unet(pipe, unets: dict, prompts: list[str], seeds: list[int],
         del loaded
         free_memory()
     return results
+
+
+# --- img2img and inpainting, with the same loaded model ---
+
+def img2img_pipeline(pipe):
+    """An img2img pipeline made of ``pipe``'s own components (its UNet, LoRAs included): no second
+    download and no second copy in memory."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    return _same_components(StableDiffusionImg2ImgPipeline, pipe)
+
+
+def inpaint_pipeline(pipe):
+    """An inpainting pipeline made of ``pipe``'s own components.
+
+    With an ordinary 4-channel UNet (SD 1.5, the learner's fine-tune) diffusers inpaints by denoising
+    everything and, after every step, putting back the original picture's latents (noised to that step)
+    outside the mask. The inpainting-specific UNets (``stable-diffusion-v1-5/stable-diffusion-inpainting``)
+    read 9 channels instead, the noisy latents plus the masked picture's latents and the mask, and were
+    trained for it: their seams are cleaner, but they are another 3.4 GB model and not your fine-tune.
+    """
+    from diffusers import StableDiffusionInpaintPipeline
+
+    return _same_components(StableDiffusionInpaintPipeline, pipe)
+
+
+def _same_components(pipeline_class, pipe):
+    new = pipeline_class(**{**pipe.components, "requires_safety_checker": False})
+    new.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return new
+
+
+@torch.no_grad()
+def img2img_strip(pipe, image: Image.Image, prompt: str, strengths: list[float], seed: int, steps: int = 30,
+                  guidance_scale: float = 7.5, negative_prompt: str | None = None) -> list[Image.Image]:
+    """``image`` redrawn from ``prompt`` at each strength: the share of the noise schedule it is sent back
+    through (0.3: light noise, the picture's layout stays; 1.0: pure noise, the picture is forgotten).
+    Only ``steps * strength`` steps run."""
+    if any(not 0 < s <= 1 for s in strengths):
+        raise ValueError(f"img2img strengths must lie in (0, 1], got {strengths}")
+    i2i = img2img_pipeline(pipe)
+    return [i2i(prompt, image=image, strength=s, num_inference_steps=steps, guidance_scale=guidance_scale,
+                negative_prompt=negative_prompt, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+            for s in strengths]
+
+
+@torch.no_grad()
+def inpaint(pipe, image: Image.Image, mask: Image.Image, prompt: str, seeds: list[int], steps: int = 30,
+            guidance_scale: float = 7.5, negative_prompt: str | None = None,
+            keep_outside: bool = True) -> list[Image.Image]:
+    """Redraw the white part of ``mask`` (black: keep) from ``prompt``, one picture per seed.
+
+    The pipeline keeps the original's latents outside the mask, but the VAE decoder mixes neighbouring
+    latents (its attention layer, all of them), so pixels outside drift: faintly on SD 1.5, strongly on
+    the 64 px miniature, whose decoder sees the whole picture from 8x8 latents. ``keep_outside`` pastes
+    the original pixels back outside the mask, as the web UIs do.
+    """
+    if mask.size != image.size:
+        raise ValueError(f"the mask is {mask.size[0]}x{mask.size[1]} and the picture {image.size[0]}x{image.size[1]}: "
+                         "draw the mask at the picture's size (white = redraw, black = keep)")
+    painter = inpaint_pipeline(pipe)
+    images = [painter(prompt, image=image, mask_image=mask, num_inference_steps=steps, guidance_scale=guidance_scale,
+                      negative_prompt=negative_prompt, height=image.height, width=image.width,
+                      generator=torch.Generator("cpu").manual_seed(seed)).images[0] for seed in seeds]
+    if keep_outside:
+        images = [Image.composite(im, image.convert("RGB"), mask.convert("L")) for im in images]
+    return images
 
 
 # --- Latents <-> pixels ---

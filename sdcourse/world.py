@@ -151,6 +151,13 @@ def check(image: Image.Image) -> Verdict:
     return Verdict(colour, shape, distances[shape], float(mask.mean()))
 
 
+def background(image: Image.Image) -> str:
+    """The ``BACKGROUNDS`` name nearest the picture's border colour (its median, as ``check`` takes it)."""
+    a = np.asarray(image.convert("RGB"), dtype=np.float32)
+    border = np.median(np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]]), axis=0)
+    return min(BACKGROUNDS, key=lambda name: float(np.linalg.norm(border - np.array(BACKGROUNDS[name]))))
+
+
 def expectations(combos, style=caption) -> list[tuple[str, str, str]]:
     """(prompt, colour, shape) for each (colour, shape, background): what a prompt should draw."""
     return [(style(shape, colour, background), colour, shape) for colour, shape, background in combos]
