@@ -13,6 +13,7 @@ weights those adapters; ``fuse_into`` folds one into a UNet's weights, a whole m
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from collections.abc import Iterable
@@ -22,11 +23,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+# LoCon ("LoRA for convolution", LyCORIS; kohya's conv_dim): also the ResNet blocks' 3x3 and 1x1
+# convolutions and the down- and upsampling convolutions, where the UNet keeps its textures and
+# spatial detail. A conv LoRA's A is a k x k convolution to ``rank`` channels, its B a 1x1 back.
+CONV_TARGET_MODULES = ["conv1", "conv2", "conv_shortcut", "conv"]
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 
 
-def add_lora(unet, rank: int, seed: int = 0) -> list[torch.nn.Parameter]:
-    """Freeze the UNet, add rank-``rank`` LoRA layers to its attention projections; return the trainable parameters.
+def add_lora(unet, rank: int, seed: int = 0, conv: bool = False) -> list[torch.nn.Parameter]:
+    """Freeze the UNet, add rank-``rank`` LoRA layers to its attention projections (and with ``conv``, LoCon,
+    to its convolutions too); return the trainable parameters.
 
     A starts random (from ``seed``, so runs repeat), B at zero: the adapter changes nothing until it trains.
     """
@@ -36,8 +42,12 @@ def add_lora(unet, rank: int, seed: int = 0) -> list[torch.nn.Parameter]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                    target_modules=TARGET_MODULES))
+                                    target_modules=TARGET_MODULES + (CONV_TARGET_MODULES if conv else [])))
     return [p for p in unet.parameters() if p.requires_grad]
+
+
+def has_conv_lora(unet) -> bool:
+    return any(isinstance(getattr(m, "base_layer", None), torch.nn.Conv2d) for m in unet.modules())
 
 
 def has_lora(unet) -> bool:
@@ -81,7 +91,12 @@ def export_kohya(folder: str | Path, out_file: str | Path) -> Path:
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".{out_file.name}.partial")
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"ss_network_module": "networks.lora"})
+    metadata = {"ss_network_module": "networks.lora"}
+    down = {k: v for k, v in state.items() if k.endswith(".lora_down.weight")}
+    conv_ranks = {v.shape[0] for v in down.values() if v.ndim == 4 and v.shape[-1] > 1}
+    if conv_ranks:  # LoCon: kohya's networks.lora with conv_dim, which the web UIs read the same way
+        metadata["ss_network_args"] = json.dumps({"conv_dim": str(max(conv_ranks)), "conv_alpha": str(max(conv_ranks))})
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
     tmp.replace(out_file)
     return out_file
 
@@ -154,6 +169,9 @@ def fuse_into(unet_state: dict[str, torch.Tensor], folder: str | Path, weight: f
         if key.endswith(".lora_A.weight"):
             module = key.removesuffix(".lora_A.weight")
             target = fused[module + ".weight"]
-            delta = layers[module + ".lora_B.weight"].float() @ down.float()
+            # B·A for a linear layer; for a LoCon convolution (A a k x k conv to rank channels, B a 1x1
+            # back) the same product over the flattened kernels, reshaped to the conv's weight.
+            up = layers[module + ".lora_B.weight"].float().flatten(1)
+            delta = (up @ down.float().flatten(1)).reshape(target.shape)
             fused[module + ".weight"] = (target.float() + weight * delta.to(target.device)).to(target.dtype)
     return fused

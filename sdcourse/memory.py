@@ -74,11 +74,12 @@ class MemoryEstimate:
 
 
 @functools.lru_cache(maxsize=8)
-def model_shapes(model: str, lora_rank: int = 0) -> tuple[object, int, str]:
+def model_shapes(model: str, lora_rank: int = 0, lora_conv: bool = False) -> tuple[object, int, str]:
     """(UNet on the meta device, VAE + text encoder parameter count, what it is) for a model.
 
     A local folder is read from its configs; a preset or hub id of SD 1.x or 2.x takes the published
-    architecture; anything else is estimated as SD 1.5, and says so. ``lora_rank`` > 0 adds LoRA layers.
+    architecture; anything else is estimated as SD 1.5, and says so. ``lora_rank`` > 0 adds LoRA layers
+    (with ``lora_conv``, LoCon's on the convolutions too).
     """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -100,8 +101,8 @@ def model_shapes(model: str, lora_rank: int = 0) -> tuple[object, int, str]:
             unet, frozen = UNet2DConditionModel(**SD15_UNET_CONFIG), SD15_FROZEN_PARAMS
             what = "SD 1.5" if preset is not None else f"SD 1.5's size ({model} is not a known architecture)"
     if lora_rank:
-        lora.add_lora(unet, lora_rank)
-        what += f", LoRA rank {lora_rank}"
+        lora.add_lora(unet, lora_rank, conv=lora_conv)
+        what += f", {'LoCon' if lora_conv else 'LoRA'} rank {lora_rank}"
     return unet, frozen, what
 
 
@@ -110,7 +111,7 @@ def estimate_for_config(cfg, unet=None, half_precision: bool | None = None) -> M
     is given, in half precision unless ``cfg.mixed_precision`` is "fp32"."""
     fused = cfg.fused_step and cfg.grad_accum == 1
     if unet is None:
-        unet, frozen, what = model_shapes(cfg.model, cfg.lora_rank)
+        unet, frozen, what = model_shapes(cfg.model, cfg.lora_rank, cfg.lora_conv)
     else:
         frozen, what = SD15_FROZEN_PARAMS, ""
     half = cfg.mixed_precision != "fp32" if half_precision is None else half_precision

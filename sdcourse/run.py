@@ -60,7 +60,7 @@ class Run:
         m = load_models(model_id, frozen_dtype=self.dtype, prediction_type=cfg.prediction_type,
                         unet_from=None if cfg.lora_rank else self.resume_from)
         if cfg.lora_rank:  # the base UNet stays frozen; only the small LoRA layers train
-            lora.add_lora(m.unet, cfg.lora_rank, seed=cfg.seed)
+            lora.add_lora(m.unet, cfg.lora_rank, seed=cfg.seed, conv=cfg.lora_conv)
             if self.resume_from is not None:
                 lora.load_lora_into(m.unet, self.resume_from)
         for module in (m.vae, m.text_encoder):

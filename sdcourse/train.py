@@ -87,6 +87,7 @@ class TrainConfig:
     fused_step: bool = True              # optimizer step inside backward (needs grad_accum == 1, one GPU)
     gradient_checkpointing: bool = True
     lora_rank: int = 0                   # > 0: train LoRA layers of this rank, the UNet frozen (sdcourse/lora.py)
+    lora_conv: bool = False              # with lora_rank: LoCon, LoRA layers on the UNet's convolutions too
     mixed_precision: str = "auto"        # auto: fp16 below compute capability 8.0 (T4), bf16 from 8.0, fp32 on CPU
     xformers: bool = False               # use xformers attention when it imports and a GPU exists; else PyTorch SDPA
     cache_latents: bool = True           # encode every image and caption once, then free the VAE and text encoder
@@ -140,6 +141,8 @@ class TrainConfig:
             raise ValueError(f"width and height must be multiples of 8 (the VAE downsamples 8x); got {self.width}x{self.height}")
         if self.lora_rank < 0:
             raise ValueError(f"TrainConfig.lora_rank must be 0 (full fine-tune) or a rank such as 8, got {self.lora_rank}")
+        if self.lora_conv and not self.lora_rank:
+            raise ValueError("TrainConfig.lora_conv (LoCon) adds LoRA layers to the convolutions: set lora_rank too, e.g. 8")
         if any(not 0 < f < 1 for f in self.snapshots):
             raise ValueError(f"TrainConfig.snapshots are fractions of the run between 0 and 1, got {self.snapshots}")
         for name in ("batch_size", "grad_accum", "epochs", "checkpoint_every", "keep_checkpoints", "ema_every",

@@ -115,3 +115,73 @@ def test_lora_memory_estimate_counts_only_the_trained_layers(tiny_sd_path):
     with_lora = memory.estimate_peak(unet, 0, **settings)
     assert with_lora.parts["optimizer states"] < 0.2 * full.parts["optimizer states"]
     assert with_lora.parts["UNet weights (fp32 master copy)"] >= full.parts["UNet weights (fp32 master copy)"]
+
+
+def test_locon_adds_layers_to_every_resnet_and_sampling_convolution(tiny_sd_path):
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    plain = sum(p.numel() for p in lora.add_lora(unet, rank=4))
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    convs = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d)
+             and n.rsplit(".", 1)[-1] in lora.CONV_TARGET_MODULES]
+    locon = lora.add_lora(unet, rank=4, conv=True)
+    assert lora.has_conv_lora(unet) and sum(p.numel() for p in locon) > plain
+    adapted = {n.split(".lora_A")[0] for n, p in unet.named_parameters() if p.requires_grad and ".lora_A" in n}
+    assert {c for c in convs if c + ".base_layer" not in {n for n, _ in unet.named_modules()}} == set()
+    assert {c for c in convs} <= adapted | {c.removesuffix(".base_layer") for c in adapted}
+    assert any("downsamplers" in c for c in convs) and any("upsamplers" in c for c in convs)
+
+
+def test_locon_exports_conv_layers_for_the_web_ui_and_reloads_equal(tiny_sd_path, tmp_path):
+    from safetensors import safe_open
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in lora.add_lora(unet, rank=4, conv=True):
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    lora.save_lora(unet, tmp_path / "locon")
+    kohya = lora.export_kohya(tmp_path / "locon", tmp_path / "webui" / "locon.safetensors")
+    state = load_file(kohya)
+    conv_down = state["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"]
+    assert conv_down.shape[:2] == (4, unet.config.block_out_channels[0]) and conv_down.shape[2:] == (3, 3)
+    assert state["lora_unet_up_blocks_0_upsamplers_0_conv.lora_up.weight"].shape[1:] == (4, 1, 1)
+    with safe_open(kohya, "pt") as f:
+        assert '"conv_dim": "4"' in f.metadata()["ss_network_args"]
+    reference = models.load_pipeline(tiny_sd_path)
+    reference.unet = unet
+    pipe = models.load_pipeline(tiny_sd_path)
+    pipe.load_lora_weights(str(kohya.parent), weight_name=kohya.name)
+    base = image(models.load_pipeline(tiny_sd_path))
+    # The conv layers load too: the picture equals the in-memory LoCon's, not the attention-only part's.
+    torch.testing.assert_close(torch.tensor(image(pipe)), torch.tensor(image(reference)), atol=1e-5, rtol=0)
+    attention_only = models.load_pipeline(tiny_sd_path)
+    attention_only.load_lora_weights({k: v for k, v in load_file(tmp_path / "locon" / lora.WEIGHT_NAME).items()
+                                      if ".attentions." in k})
+    assert not torch.allclose(torch.tensor(image(attention_only)), torch.tensor(image(pipe)), atol=1e-3)
+    assert not torch.allclose(torch.tensor(base), torch.tensor(image(pipe)), atol=1e-3)
+
+
+def test_locon_trains_through_the_course_loop_and_needs_a_rank(tmp_path, tiny_sd_path, sample_dir):
+    from sdcourse import train
+
+    result = train.train(lora_config(tmp_path, tiny_sd_path, sample_dir, lora_conv=True, max_steps=4))
+    saved = load_file(result.final_dir / lora.WEIGHT_NAME)
+    conv_ups = [k for k in saved if "resnets" in k and k.endswith("lora_B.weight") and saved[k].ndim == 4]
+    assert conv_ups and any(saved[k].abs().sum() > 0 for k in conv_ups)  # B starts at zero: it trained
+    with pytest.raises(ValueError, match="set lora_rank too"):
+        train.TrainConfig(lora_conv=True).check()
+
+
+def test_a_fused_locon_draws_what_the_adapter_draws(tiny_sd_path, tmp_path):
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    base_state = {k: v.clone() for k, v in unet.state_dict().items()}
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for p in lora.add_lora(unet, rank=4, conv=True):
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    lora.save_lora(unet, tmp_path / "locon")
+    fused = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    fused.load_state_dict(lora.fuse_into(base_state, tmp_path / "locon"))
+    x, t, text = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([500]), torch.randn(1, 77, 32, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x, t, text).sample, unet(x, t, text).sample, atol=1e-4, rtol=1e-4)
