@@ -1,10 +1,18 @@
-"""The SD 2.x flavour (v-prediction, the miniature's sd-v) goes through notebooks 03, 04 and 05.
+"""The notebooks that hand nothing over to the others, and the SD 2.x flavour's path through 03, 04 and 05.
 
-A file of its own, so that the suite's workers (scripts/test.sh) run it beside test_notebooks.py.
+A file of their own, so that the suite's workers (scripts/test.sh) run them beside test_notebooks.py's
+chain of notebooks 01 to 07, which must run in order on one worker.
 """
 
-from sdcourse.course import execute_notebook
-from test_notebooks import NOTEBOOKS, check_ran
+import pytest
+
+from sdcourse.course import execute_notebook, notebook_paths, outputs_for
+from test_notebooks import APART, NOTEBOOKS, check_ran
+
+
+@pytest.mark.parametrize("path", [p for p in notebook_paths() if p.stem in APART], ids=lambda p: p.stem)
+def test_notebook_runs_in_smoke_mode(path, tmp_path):
+    check_ran(execute_notebook(path, outputs_for(path, tmp_path / "drive"), smoke=True, workdir=tmp_path / "runtime"))
 
 
 def test_the_sd2_flavour_goes_through_03_04_05(tmp_path):
