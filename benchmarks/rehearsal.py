@@ -440,6 +440,7 @@ def main() -> int:
             if not args.keep:
                 shutil.rmtree(work / key, ignore_errors=True)
     report(f"total {time.perf_counter() - clock:.0f} s")
+    print("\n--- summary (the lines above, without the libraries' progress bars) ---", *LINES, sep="\n")
     return 0
 
 
