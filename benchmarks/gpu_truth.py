@@ -3,6 +3,8 @@
     python benchmarks/gpu_truth.py                       # SD 1.5's real configuration, random weights
     python benchmarks/gpu_truth.py --model /path/to/sd15 # a local diffusers folder (from_pretrained)
     python benchmarks/gpu_truth.py --parts memory --batch 4
+    python benchmarks/gpu_truth.py --check-on-cpu         # every part on a small model on the CPU, ~3 min:
+                                                          # checks the script before it spends GPU time
 
 On any CUDA GPU, computing in fp16 autocast as on a T4 (never bf16, even where the GPU has it), with
 ``torch.cuda.set_per_process_memory_fraction`` holding the process to a T4's usable 15 GiB. Every figure is
@@ -45,6 +47,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 GIB = 2**30
 PARTS = ("memory", "scaler", "fused", "sync")
+# "cuda" for the measurements; --check-on-cpu runs every part on the CPU (bf16, a small model) to check the
+# script itself before it spends GPU time: those figures mean nothing.
+DEVICE, AMP, PRECISION = "cuda", "float16", "fp16"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scaler-steps", type=int, default=12)
     parser.add_argument("--fused-steps", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    parser.add_argument("--check-on-cpu", action="store_true", help="run every part on the CPU with a small model "
+                        "in bf16, to check this script (its figures mean nothing)")
     return parser.parse_args(argv)
 
 
@@ -78,8 +85,18 @@ class Figures:
 
 def fresh(torch) -> None:
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def sync(torch) -> None:
+    if DEVICE == "cuda":
+        sync(torch)
+
+
+def peak_gib(torch) -> float:
+    return torch.cuda.max_memory_allocated() / GIB if DEVICE == "cuda" else float("nan")
 
 
 def model_folder(args) -> Path:
@@ -87,10 +104,10 @@ def model_folder(args) -> Path:
         return args.model
     import rehearsal
 
-    folder = args.work / "sd15-random"
+    folder = args.work / ("small-random" if args.check_on_cpu else "sd15-random")
     if not (folder / "model_index.json").exists():
         shutil.rmtree(folder, ignore_errors=True)
-        rehearsal.build_pipeline(rehearsal.SD15, folder)
+        rehearsal.build_pipeline(rehearsal.SMALL if args.check_on_cpu else rehearsal.SD15, folder)
     return folder
 
 
@@ -121,7 +138,7 @@ def course_row(torch, args, model: Path, dataset: Path, batch: int, fig: Figures
     out = args.work / f"course-b{batch}"
     shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(model=str(model), dataset=str(dataset), output_dir=str(out), batch_size=batch,
-                      max_steps=1 + args.steps, mixed_precision="fp16",  # a T4's; "auto" picks bf16 on newer GPUs
+                      max_steps=1 + args.steps, mixed_precision=PRECISION,  # a T4's; "auto" picks bf16 on newer GPUs
                       checkpoint_every=10**6, keep_checkpoints=1, validate_every=0, val_loss_every=0,
                       snapshots=[], resume=False, num_workers=2)
     stamps = []
@@ -137,7 +154,7 @@ def course_row(torch, args, model: Path, dataset: Path, batch: int, fig: Figures
     finally:
         shutil.rmtree(out, ignore_errors=True)
     seconds = statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:])) if len(stamps) > 2 else float("nan")
-    fig.say("memory", f"course's train.train, batch {batch}, 512 px: peak max_memory_allocated {result.peak_gib:.2f} GiB "
+    fig.say("memory", f"course's train.train, batch {batch}, 512 px: peak max_memory_allocated {result.peak_gib or float('nan'):.2f} GiB "
             f"during the steps (cache built, VAE and text encoder off the GPU); {seconds:.2f} s/step; "
             f"memory.py estimate {result.estimate.total:.2f} GiB; partial fp16 steps {result.partial_steps}",
             recipe="course", batch=batch, peak_gib=result.peak_gib, s_per_step=seconds,
@@ -156,7 +173,7 @@ def reference_row(torch, args, model: Path, batch: int, ema: bool, fig: Figures)
     from sdcourse import memory
 
     name = "diffusers recipe" + (" + EMA" if ema else "")
-    device = torch.device("cuda")
+    device = torch.device(DEVICE)
     with torch.device("meta"):
         shape = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model, subfolder="unet"))
         frozen = sum(p.numel() for m in (AutoencoderKL.from_config(AutoencoderKL.load_config(model, subfolder="vae")),
@@ -168,9 +185,9 @@ def reference_row(torch, args, model: Path, batch: int, ema: bool, fig: Figures)
     fresh(torch)
     parts = {}
     try:
-        vae = parts["vae"] = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=torch.float16).to(device)
+        vae = parts["vae"] = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=getattr(torch, AMP)).to(device)
         text_encoder = parts["text"] = CLIPTextModel.from_pretrained(model, subfolder="text_encoder",
-                                                                     torch_dtype=torch.float16).to(device)
+                                                                     torch_dtype=getattr(torch, AMP)).to(device)
         vae.requires_grad_(False)
         text_encoder.requires_grad_(False)
         unet = parts["unet"] = load_unet(torch, model, device)
@@ -181,21 +198,21 @@ def reference_row(torch, args, model: Path, batch: int, ema: bool, fig: Figures)
             ema_unet.to(device)
         optimizer = parts["optimizer"] = bnb.optim.AdamW8bit(unet.parameters(), lr=1e-4, betas=(0.9, 0.999),
                                                              weight_decay=1e-2, eps=1e-8)
-        scaler = torch.amp.GradScaler("cuda")  # accelerate's fp16: initial scale 2^16
+        scaler = torch.amp.GradScaler(DEVICE)  # accelerate's fp16: initial scale 2^16
         generator = torch.Generator(device).manual_seed(0)
         pixels = torch.rand(batch, 3, 512, 512, device=device, generator=generator) * 2 - 1
         ids = torch.randint(0, text_encoder.config.vocab_size, (batch, 77), device=device, generator=generator)
         seconds = []
         for _ in range(1 + args.steps):
-            torch.cuda.synchronize()
+            sync(torch)
             start = time.perf_counter()
             with torch.no_grad():
-                latents = vae.encode(pixels.half()).latent_dist.sample() * vae.config.scaling_factor
+                latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
                 embeddings = text_encoder(ids)[0]
             noise = torch.randn_like(latents)
             timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device)
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            with torch.autocast("cuda", dtype=torch.float16):
+            with torch.autocast(DEVICE, dtype=getattr(torch, AMP)):
                 prediction = unet(noisy, timesteps, embeddings).sample
                 loss = F.mse_loss(prediction.float(), noise.float())
             scaler.scale(loss).backward()
@@ -206,9 +223,9 @@ def reference_row(torch, args, model: Path, batch: int, ema: bool, fig: Figures)
             optimizer.zero_grad(set_to_none=True)
             if ema_unet is not None:
                 ema_unet.step(unet.parameters())
-            torch.cuda.synchronize()
+            sync(torch)
             seconds.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated() / GIB
+        peak = peak_gib(torch)
     except torch.cuda.OutOfMemoryError:
         fig.say("memory", f"{name}, batch {batch}: out of memory under the {args.cap_gib} GiB cap (memory.py "
                 f"estimate {estimate.total:.2f} GiB)", recipe=name, batch=batch, oom=True, estimate_gib=estimate.total)
@@ -235,7 +252,7 @@ def course_steps(torch, model: Path, steps: int, fused: bool, scale: float, batc
     from sdcourse.optimizer import LossScaler, UNetOptimizer
     from sdcourse.train import diffusion_loss
 
-    device = torch.device("cuda")
+    device = torch.device(DEVICE)
     torch.manual_seed(0)
     unet = load_unet(torch, model, device)
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
@@ -248,10 +265,10 @@ def course_steps(torch, model: Path, steps: int, fused: bool, scale: float, batc
     embeddings = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=data).to(device)
     rows = []
     for step in range(steps):
-        torch.cuda.synchronize()
+        sync(torch)
         start = time.perf_counter()
         before = scaler.scale
-        with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
+        with torch.autocast(DEVICE, dtype=getattr(torch, AMP), cache_enabled=False):
             loss = diffusion_loss(unet, scheduler, latents, embeddings, torch.Generator(device).manual_seed(step))
         optimizer.backward(loss)
         if not fused:
@@ -260,7 +277,7 @@ def course_steps(torch, model: Path, steps: int, fused: bool, scale: float, batc
             overflow = optimizer.overflow
         applied = optimizer.applied
         optimizer.step()
-        torch.cuda.synchronize()
+        sync(torch)
         overflow = scaler.scale < before if overflow is None else overflow
         rows.append((loss.item(), before, overflow, applied, time.perf_counter() - start))
     return rows, optimizer, unet
@@ -323,9 +340,18 @@ def sync_part(torch, args, model: Path, fig: Figures) -> None:
 
 
 def main(argv=None) -> int:
+    global DEVICE, AMP, PRECISION
     args = parse_args(argv)
     import torch
 
+    if args.check_on_cpu:
+        DEVICE, AMP, PRECISION = "cpu", "bfloat16", "bf16"
+        args.batch, args.steps, args.images = [1], 2, 2
+        args.scaler_steps, args.fused_steps = 2, 2
+        args.work = args.work / "check-on-cpu"
+        args.work.mkdir(parents=True, exist_ok=True)
+        fig = Figures("CPU check, figures mean nothing")
+        return run_parts(torch, args, fig)
     if not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         print(f"gpu_truth.py measures on a CUDA GPU and this machine has none that torch can use (torch "
@@ -341,6 +367,10 @@ def main(argv=None) -> int:
             f"{'.'.join(map(str, torch.cuda.get_device_capability()))}; fp16 autocast; torch {torch.__version__}, "
             f"diffusers {diffusers.__version__}; model: {args.model or 'SD 1.5 configuration, random weights'}")
     args.work.mkdir(parents=True, exist_ok=True)
+    return run_parts(torch, args, fig)
+
+
+def run_parts(torch, args, fig: Figures) -> int:
     model = model_folder(args)
     if "memory" in args.parts:
         dataset = dataset_folder(args)
