@@ -300,7 +300,15 @@ def scaler_part(torch, args, model: Path, fig: Figures) -> None:
 
 
 def fused_part(torch, args, model: Path, fig: Figures) -> None:
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # the same kernels both ways
+    try:
+        compare_fused(torch, args, model, fig)
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+def compare_fused(torch, args, model: Path, fig: Figures) -> None:
     for scale in (2.0**16, 2.0**8):
         runs = {}
         for fused in (True, False):
