@@ -343,10 +343,10 @@ def rehearse(key: str, work: Path, images: int, ti_steps: int) -> None:
                 compared += 1
                 if k not in got or not torch.equal(got[k], v.half()):
                     mismatched.append(f"{component}.{k}")
+        del want, got, reloaded  # each stage starts clean, so that its peak is its own
         assert not mismatched, f"{len(mismatched)} tensors differ after the reload, e.g. {mismatched[:3]}"
         notes += [f"{gb(size_on_disk(single))}, {len(keys)} keys", f"all {compared} tensors equal after "
                   "from_single_file (fp16)"]
-        del reloaded
     shutil.rmtree(merged)
 
     notes = []
@@ -384,7 +384,7 @@ def rehearse(key: str, work: Path, images: int, ti_steps: int) -> None:
         notes += [f"{len(state)} keys on {layers} modules, every one a Linear of the real UNet with matching shapes",
                   f"reloaded through load_lora_weights: all {len(trained)} tensors equal",
                   f"kohya file {size_on_disk(kohya) / 1e6:.1f} MB"]
-        del pipe, unet
+        del pipe, unet, modules, state, trained, got
 
     notes = []
     with stage(f, f"Textual Inversion, {ti_steps} step(s)", notes):
