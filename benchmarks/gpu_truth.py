@@ -18,6 +18,8 @@ Parts (``--parts``), all in one process, one after the other:
   (``--use_8bit_adam --gradient_checkpointing --mixed_precision fp16``, with and without ``--use_ema``:
   bitsandbytes AdamW8bit, GradScaler, VAE and text encoder in fp16 on the GPU encoding every batch, EMA
   on the GPU), each beside ``sdcourse/memory.py``'s estimate for the same settings.
+- ``resume``: the peak of a session that resumes from a checkpoint against the session that wrote it
+  (batch 1): what a Colab user meets after a disconnect.
 - ``scaler``: the course's ``LossScaler`` from its initial scale 2^16 on the real UNet's fp16 gradients:
   the scale after each step, which steps overflowed, how many fused steps were partial.
 - ``fused``: the fused step against the ordinary step, same weights and batches, several fp16 steps: the
@@ -46,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 GIB = 2**30
-PARTS = ("memory", "scaler", "fused", "sync")
+PARTS = ("memory", "resume", "scaler", "fused", "sync")
 # "cuda" for the measurements; --check-on-cpu runs every part on the CPU (bf16, a small model) to check the
 # script itself before it spends GPU time: those figures mean nothing.
 DEVICE, AMP, PRECISION = "cuda", "float16", "fp16"
@@ -241,6 +243,23 @@ def reference_row(torch, args, model: Path, batch: int, ema: bool, fig: Figures)
             estimate_gib=estimate.total)
 
 
+def resume_part(torch, args, model: Path, fig: Figures) -> None:
+    from sdcourse.train import TrainConfig, train
+
+    out = args.work / "resume"
+    shutil.rmtree(out, ignore_errors=True)
+    peaks = []
+    for steps in (2, 4):  # the first session writes checkpoints, the second resumes from the last
+        cfg = TrainConfig(model=str(model), dataset=str(dataset_folder(args)), output_dir=str(out), batch_size=1,
+                          max_steps=steps, mixed_precision=PRECISION, checkpoint_every=1, keep_checkpoints=1,
+                          validate_every=0, val_loss_every=0, snapshots=[], num_workers=2)
+        fresh(torch)
+        peaks.append(train(cfg).peak_gib or float("nan"))
+    shutil.rmtree(out, ignore_errors=True)
+    fig.say("resume", f"batch 1, 512 px: peak max_memory_allocated {peaks[0]:.2f} GiB in the session that wrote the "
+            f"checkpoint, {peaks[1]:.2f} GiB in the one that resumed from it", first_gib=peaks[0], resumed_gib=peaks[1])
+
+
 # --- the course's step, by hand, for the scaler, fused and sync parts ------------------------------------
 
 def course_steps(torch, model: Path, steps: int, fused: bool, scale: float, batch: int = 1, check=None):
@@ -386,7 +405,7 @@ def run_parts(torch, args, fig: Figures) -> int:
             course_row(torch, args, model, dataset, batch, fig)
             for ema in (False, True):
                 reference_row(torch, args, model, batch, ema, fig)
-    for part, run in (("scaler", scaler_part), ("fused", fused_part), ("sync", sync_part)):
+    for part, run in (("resume", resume_part), ("scaler", scaler_part), ("fused", fused_part), ("sync", sync_part)):
         if part in args.parts:
             run(torch, args, model, fig)
     if args.json:
