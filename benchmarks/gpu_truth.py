@@ -29,7 +29,8 @@ Parts (``--parts``), all in one process, one after the other:
 
 Random weights (the default) give real memory and speed; the scaler's overflow pattern depends on the
 gradients, so for that part pass real weights (``--model``) and say which. Needs about 25 GB of disk under
-``--work`` (a random-weight pipeline, and the training runs' final checkpoints) and ~8 minutes on a T4-class GPU.
+``--work`` (a random-weight pipeline, and the training runs' final checkpoints and pipelines). No GPU has
+run it yet, so how long it takes there is not known; ``--check-on-cpu`` takes about 5 minutes here.
 """
 
 from __future__ import annotations
