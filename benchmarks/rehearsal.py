@@ -12,8 +12,8 @@ layout and runs, end to end, the calls the notebooks make:
 
 One line per stage: wall time and the peak resident memory of the process (CPU RSS, not CUDA memory), then
 what a Colab user would see: a checkpoint's size on disk, how many fit a free 15 GB Drive, the final
-pipeline's size. Not a test and not in CI: about 15 minutes per model on one core, ~8 GiB of RAM at the
-peak, ~20 GB of disk per model (deleted after each unless --keep).
+pipeline's size. Not a test and not in CI: 13-25 minutes per model on one thread of the project's shared
+2-core machine, up to 10.4 GiB of RAM (the merge), ~20 GB of disk per model (deleted after each unless --keep).
 
     nice -n 19 .venv/bin/python benchmarks/rehearsal.py --model sd15     # or sd2, or both
 
