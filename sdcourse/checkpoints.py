@@ -205,9 +205,16 @@ def training_state(step: int, optimizer, curve, ema: CpuEMA | None) -> dict:
 
 
 def resume(checkpoint: Path, optimizer, ema: CpuEMA | None, ema_every: int, device, say) -> dict:
-    """Put a checkpoint's optimizer state and EMA back (its weights came with the model); its training state."""
-    state = torch.load(checkpoint / "training_state.pt", map_location=device, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    """Put a checkpoint's optimizer state and EMA back (its weights came with the model); the rest of its
+    training state (step, loss history), without the optimizer's tensors.
+
+    Loaded to the CPU and the optimizer part dropped once loaded: the optimizers copy what they load to
+    their parameters' device (bitsandbytes deep-copies it first), so a state loaded to the GPU and kept
+    would hold a second copy of every optimizer state there for the whole resumed run (1.6 GiB for SD 1.5
+    with 8-bit AdamW, measured by benchmarks/rehearsal.py as the resumed run's extra peak).
+    """
+    state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state.pop("optimizer"))
     step = state["step"]
     if ema is not None and (checkpoint / "ema_unet.safetensors").exists():
         from safetensors.torch import load_file
