@@ -162,15 +162,18 @@ def check_control_size(controls: list[Image.Image], width: int, height: int, whe
 
 @torch.no_grad()
 def generate(pipe, controlnet, prompts: list[str], controls: list[Image.Image], seeds: list[int], steps: int = 30,
-             guidance_scale: float = 7.5, conditioning_scale: float = 1.0, negative_prompt: str | None = None
-             ) -> list[Image.Image]:
-    """One picture per (prompt, control, seed), the size of the controls; ``controlnet=None``: the same
+             guidance_scale: float = 7.5, conditioning_scale: float = 1.0, negative_prompt: str | None = None,
+             width: int | None = None, height: int | None = None) -> list[Image.Image]:
+    """One picture per (prompt, control, seed), at the model's own size unless ``width``/``height`` say
+    (512 px for SD 1.5, 64 for the miniature), each control of that size; ``controlnet=None``: the same
     prompts and seeds without control. ``conditioning_scale`` weights the ControlNet's residuals
     (0: none, 1: as trained; the web UIs call it the control weight)."""
     if not len(prompts) == len(controls) == len(seeds):
         raise ValueError(f"one control image and one seed per prompt: got {len(prompts)} prompts, "
                          f"{len(controls)} controls, {len(seeds)} seeds")
-    width, height = controls[0].size
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width, height = width or native, height or native
+    # The pipeline would stretch a control of another size without a word, and the shape land elsewhere.
     check_control_size(controls, width, height)
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     common = dict(num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
@@ -218,6 +221,7 @@ class ControlNetConfig:
 @dataclass
 class ControlNetResult:
     folder: Path                         # ControlNetModel.from_pretrained(folder) loads it
+    controlnet: torch.nn.Module          # the trained model itself
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -302,4 +306,4 @@ def train_controlnet(cfg: ControlNetConfig, pairs=None, on_step=None) -> Control
             on_step(step + 1, losses[-1])
     folder = Path(cfg.output_dir) / "controlnet"
     controlnet.save_pretrained(folder, safe_serialization=True)
-    return ControlNetResult(folder, losses, time.perf_counter() - clock)
+    return ControlNetResult(folder, controlnet.eval(), losses, time.perf_counter() - clock)
