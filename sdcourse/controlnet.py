@@ -307,3 +307,37 @@ def train_controlnet(cfg: ControlNetConfig, pairs=None, on_step=None) -> Control
     folder = Path(cfg.output_dir) / "controlnet"
     controlnet.save_pretrained(folder, safe_serialization=True)
     return ControlNetResult(folder, controlnet.eval(), losses, time.perf_counter() - clock)
+
+
+def miniature_config(model: str, output_dir: str) -> ControlNetConfig:
+    """The miniature's run, measured (tests/test_controlnet.py): after 600 steps (about 90 s on one CPU thread)
+    the object lands in the control's corner in most pictures; at 400 steps it may not yet (a ControlNet learns
+    suddenly, after a stretch of no visible effect: Zhang et al.'s "sudden convergence")."""
+    return ControlNetConfig(model=model, output_dir=output_dir, steps=600, batch_size=8, lr=2e-3, optimizer="adamw",
+                            mixed_precision="fp32", gradient_checkpointing=False,
+                            embedding_channels=MINIATURE_EMBEDDING_CHANNELS)
+
+
+def estimate_training_memory(batch_size: int = 1, size: int = 512):
+    """Estimated peak GPU memory of training SD 1.5's ControlNet with ``train_controlnet``'s recipe (fp16
+    autocast, 8-bit AdamW stepped in the backward pass, gradient checkpointing, cached latents and text
+    embeddings), from the shapes alone (PyTorch's meta device: no download, no memory)."""
+    from diffusers import ControlNetModel
+
+    from . import memory
+
+    unet = memory.sd15_unet_shape()
+    with torch.device("meta"):
+        cn = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    part = memory.estimate_peak(cn, memory.SD15_FROZEN_PARAMS, batch_size=batch_size, width=size, height=size,
+                                half_precision=True, optimizer="adamw8bit", fused_step=True,
+                                gradient_checkpointing=True, cache_latents=True).parts
+    n_unet = sum(p.numel() for p in unet.parameters())
+    n_cn = sum(p.numel() for p in cn.parameters())
+    parts = {f"ControlNet weights (fp32, {n_cn / 1e6:.0f}M parameters)": part.pop("UNet weights (fp32 master copy)"),
+             **{f"ControlNet {k}": v for k, v in part.items() if k != "activations"},
+             # The ControlNet's activations counted as a whole UNet's (it is the down half and the middle): an upper bound.
+             "ControlNet activations (a UNet's, at most)": part["activations"],
+             "frozen UNet weights (fp16)": 2 * n_unet / memory.GIB,
+             "frozen UNet activations (backward to residuals)": part["activations"]}
+    return memory.MemoryEstimate(parts, f"SD 1.5's ControlNet, batch {batch_size}, {size} px")
