@@ -42,6 +42,8 @@ EMBEDDING_CHANNELS = (16, 32, 96, 256)
 # an eighth of the work, which was most of a training step's time on the CPU.
 MINIATURE_EMBEDDING_CHANNELS = (8, 16, 16, 32)
 SD15_CANNY = "lllyasviel/control_v11p_sd15_canny"  # canny edges (low 100, high 200) for SD 1.5, safetensors
+# The miniature's, trained on silhouettes by scripts/build_miniature_controlnet.py: smoke mode's stand-in for SD15_CANNY.
+MINIATURE_CONTROLNET = str(Path(__file__).resolve().parent / "miniature" / "controlnet-silhouette")
 
 
 def controlnet_from_unet(unet, embedding_channels: tuple[int, ...] = EMBEDDING_CHANNELS, vae_factor: int = 8):
@@ -126,6 +128,16 @@ def control_at(shape: str, corner: str, size: int = 64, kind: str = "silhouette"
 
 
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
+
+
+def corner_prompts(n: int, seed: int = 1) -> tuple[list[str], list[Image.Image]]:
+    """``n`` prompts of the base world, each with a silhouette of its shape in a corner, the corners in turn."""
+    rng, prompts, controls = random.Random(seed), [], []
+    for i in range(n):
+        shape = rng.choice(world.BASE_SHAPES)
+        prompts.append(world.caption(shape, rng.choice(world.BASE_COLOURS), rng.choice(list(world.BACKGROUNDS))))
+        controls.append(control_at(shape, CORNERS[i % 4]))
+    return prompts, controls
 
 
 def in_region(picture: Image.Image, control: Image.Image) -> bool:
@@ -231,6 +243,26 @@ def world_pairs(n: int, size: int = 64, control: str = "silhouette", seed: int =
     if control not in CONTROLS:
         raise ValueError(f"ControlNetConfig.control = {control!r}; choose one of {tuple(CONTROLS)}")
     return [(CONTROLS[control](img), img, text) for text, img in world.scenes(n, seed=seed, size=size)]
+
+
+def folder_pairs(folder: str | Path, size: int = 512, low: float = 100, high: float = 200):
+    """(canny edges, picture, caption) of a captioned dataset folder (notebook 01's: images and metadata.csv
+    with file_name,text), each picture centre-cropped to ``size`` x ``size``: the pairs of a canny ControlNet."""
+    import csv
+
+    from PIL import ImageOps
+
+    metadata = Path(folder) / "metadata.csv"
+    if not metadata.exists():
+        raise FileNotFoundError(f"{metadata} is missing: a dataset folder holds its images and a metadata.csv with "
+                                "columns file_name,text (notebooks 01 and 02 write one)")
+    with metadata.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    pairs = []
+    for row in rows:
+        picture = ImageOps.fit(Image.open(Path(folder) / row["file_name"]).convert("RGB"), (size, size), Image.BICUBIC)
+        pairs.append((canny(picture, low, high), picture, row["text"]))
+    return pairs
 
 
 def _pixels(images: list[Image.Image], signed: bool) -> torch.Tensor:
