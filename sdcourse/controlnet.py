@@ -219,7 +219,7 @@ class ControlNetConfig:
     output_dir: str                      # the ControlNet is saved to output_dir/controlnet
     control: str = "silhouette"          # for the miniature's pairs: "silhouette" or "outline"
     pictures: int = 512                  # the miniature's pairs drawn by world.scenes (when no pairs are given)
-    size: int = 64
+    size: int = 512                      # of the pictures and control images (the miniature: 64)
     steps: int = 300
     batch_size: int = 16
     lr: float = 1e-5                     # SD 1.5's ControlNet training (diffusers' example); the miniature takes far more
@@ -265,10 +265,10 @@ def folder_pairs(folder: str | Path, size: int = 512, low: float = 100, high: fl
     return pairs
 
 
-def _pixels(images: list[Image.Image], signed: bool) -> torch.Tensor:
+def _pixels(images: list[Image.Image]) -> torch.Tensor:
+    """Pictures as the VAE reads them, in [-1, 1] (a ControlNet reads its control image in [0, 1])."""
     a = torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255 for im in images]))
-    a = a.permute(0, 3, 1, 2)
-    return a * 2 - 1 if signed else a  # the VAE reads [-1, 1]; a ControlNet reads its control in [0, 1]
+    return a.permute(0, 3, 1, 2) * 2 - 1
 
 
 class Controlled(torch.nn.Module):
@@ -290,6 +290,8 @@ def train_controlnet(cfg: ControlNetConfig, pairs=None, on_step=None) -> Control
     caption), by default ``world_pairs``; the course's loss (``train.diffusion_loss``) and memory recipe:
     latents and text embeddings cached, then the VAE and text encoder leave; 8-bit AdamW stepped inside
     the backward pass; fp16 autocast with loss scaling on a T4; gradient checkpointing. ``on_step(step, loss)``."""
+    if cfg.optimizer not in ("adamw8bit", "adamw"):
+        raise ValueError(f"ControlNetConfig.optimizer = {cfg.optimizer!r}; choose 'adamw8bit' (bitsandbytes) or 'adamw'")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype_for(cfg.mixed_precision, device)
     pairs = world_pairs(cfg.pictures, cfg.size, cfg.control, cfg.seed) if pairs is None else list(pairs)
@@ -301,12 +303,12 @@ def train_controlnet(cfg: ControlNetConfig, pairs=None, on_step=None) -> Control
     # The cache: each picture through the VAE and each caption through the text encoder, once.
     m.vae.to(device)
     m.text_encoder.to(device)
-    latents = torch.cat([encode_pixels(m.vae, _pixels(pictures[i:i + 32], signed=True)).float().cpu()
+    latents = torch.cat([encode_pixels(m.vae, _pixels(pictures[i:i + 32])).float().cpu()
                          for i in range(0, len(pictures), 32)])
     texts = sorted(set(captions))
     table = dict(zip(texts, encode_texts(m.tokenizer, m.text_encoder, texts).float().cpu()))
     embeddings = torch.stack([table[c] for c in captions])
-    control_pixels = _pixels(controls, signed=False).to(torch.float16)  # 0/1 pictures: exact in fp16
+    control_pixels = torch.from_numpy(np.stack([np.asarray(c.convert("RGB")) for c in controls])).permute(0, 3, 1, 2)
     m.vae.to("cpu")
     m.text_encoder.to("cpu")
     free_memory()
@@ -328,7 +330,7 @@ def train_controlnet(cfg: ControlNetConfig, pairs=None, on_step=None) -> Control
         batch = torch.randint(0, len(pairs), (cfg.batch_size,), generator=order)
         generator = torch.Generator(device).manual_seed(step_seed(cfg.seed, 0, step))
         with autocast:
-            model = Controlled(unet, controlnet, control_pixels[batch].to(device, torch.float32))
+            model = Controlled(unet, controlnet, control_pixels[batch].to(device, torch.float32) / 255)
             loss = diffusion_loss(model, m.noise_scheduler, latents[batch].to(device), embeddings[batch].to(device),
                                   generator)
         optimizer.backward(loss)
@@ -345,7 +347,7 @@ def miniature_config(model: str, output_dir: str) -> ControlNetConfig:
     """The miniature's run, measured (tests/test_controlnet.py): after 600 steps (about 90 s on one CPU thread)
     the object lands in the control's corner in most pictures; at 400 steps it may not yet (a ControlNet learns
     suddenly, after a stretch of no visible effect: Zhang et al.'s "sudden convergence")."""
-    return ControlNetConfig(model=model, output_dir=output_dir, steps=600, batch_size=8, lr=2e-3, optimizer="adamw",
+    return ControlNetConfig(model=model, output_dir=output_dir, size=64, steps=600, batch_size=8, lr=2e-3, optimizer="adamw",
                             mixed_precision="fp32", gradient_checkpointing=False,
                             embedding_channels=MINIATURE_EMBEDDING_CHANNELS)
 

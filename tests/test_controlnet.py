@@ -66,7 +66,7 @@ def test_canny_finds_a_photo_like_edge_and_ignores_faint_texture():
 
 
 def test_training_saves_a_controlnet_that_loads_back_equal(tiny_sd_path, tmp_path):
-    cfg = controlnet.ControlNetConfig(model=tiny_sd_path, output_dir=str(tmp_path), pictures=8, steps=2, batch_size=2,
+    cfg = controlnet.ControlNetConfig(model=tiny_sd_path, output_dir=str(tmp_path), size=64, pictures=8, steps=2, batch_size=2,
                                       lr=1e-3, optimizer="adamw", embedding_channels=controlnet.MINIATURE_EMBEDDING_CHANNELS)
     result = controlnet.train_controlnet(cfg)
     assert len(result.losses) == 2 and all(np.isfinite(result.losses))
