@@ -373,5 +373,5 @@ def estimate_training_memory(batch_size: int = 1, size: int = 512):
              # The ControlNet's activations counted as a whole UNet's (it is the down half and the middle): an upper bound.
              "ControlNet activations (a UNet's, at most)": part["activations"],
              "frozen UNet weights (fp16)": 2 * n_unet / memory.GIB,
-             "frozen UNet activations (backward to residuals)": part["activations"]}
+             "frozen UNet activations": part["activations"]}
     return memory.MemoryEstimate(parts, f"SD 1.5's ControlNet, batch {batch_size}, {size} px")
