@@ -7,14 +7,13 @@ about a minute), then the share of 24 corner prompts drawn where the control say
 
 from __future__ import annotations
 
-import random
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from sdcourse import controlnet, models, sampling, tiny, world
+from sdcourse import controlnet, models, sampling, tiny
 
 
 def main() -> None:
