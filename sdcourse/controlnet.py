@@ -46,15 +46,19 @@ SD15_CANNY = "lllyasviel/control_v11p_sd15_canny"  # canny edges (low 100, high 
 MINIATURE_CONTROLNET = str(Path(__file__).resolve().parent / "miniature" / "controlnet-silhouette")
 
 
-def controlnet_from_unet(unet, embedding_channels: tuple[int, ...] = EMBEDDING_CHANNELS, vae_factor: int = 8):
-    """A ControlNet with the UNet's own down and middle blocks (weights copied), zero-initialised outputs."""
+def controlnet_from_unet(unet, embedding_channels: tuple[int, ...] = EMBEDDING_CHANNELS, vae_factor: int = 8,
+                         seed: int = 0):
+    """A ControlNet with the UNet's own down and middle blocks (weights copied), zero-initialised outputs, and
+    a conditioning embedding initialised from ``seed`` (so runs repeat)."""
     from diffusers import ControlNetModel
 
     if 2 ** (len(embedding_channels) - 1) != vae_factor:
         raise ValueError(f"embedding_channels {tuple(embedding_channels)} downsample the control image "
                          f"{2 ** (len(embedding_channels) - 1)}x, the VAE {vae_factor}x: give "
                          f"{int(np.log2(vae_factor)) + 1} widths (e.g. {EMBEDDING_CHANNELS}) so both meet at the latents' size")
-    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(embedding_channels))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(embedding_channels))
 
 
 def load_controlnet(folder_or_id: str | Path, dtype=None):
@@ -313,7 +317,8 @@ def train_controlnet(cfg: ControlNetConfig, pairs=None, on_step=None) -> Control
     m.text_encoder.to("cpu")
     free_memory()
 
-    controlnet = controlnet_from_unet(m.unet, cfg.embedding_channels, 2 ** (len(m.vae.config.block_out_channels) - 1))
+    controlnet = controlnet_from_unet(m.unet, cfg.embedding_channels, 2 ** (len(m.vae.config.block_out_channels) - 1),
+                                      cfg.seed)
     unet = m.unet.requires_grad_(False).to(device)
     if dtype != torch.float32:
         unet.to(dtype)  # frozen: its half-precision copy is all it needs
