@@ -46,16 +46,21 @@ def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     return points
 
 
-def draw(shape: str, colour: str, background: str, rng: random.Random, size: int = 128) -> Image.Image:
-    """One scene: the shape at a random position and size (radius a fifth to a third of the picture)."""
+def draw(shape: str, colour: str, background: str, rng: random.Random, size: int = 128,
+         at: tuple[int, int, int] | None = None) -> Image.Image:
+    """One scene: the shape at a random position and size (radius a fifth to a third of the picture),
+    or at ``at`` = (centre x, centre y, radius) in pixels."""
     for name, table in (("shape", SHAPES), ("colour", COLOURS), ("background", BACKGROUNDS)):
         value = {"shape": shape, "colour": colour, "background": background}[name]
         if value not in table:
             raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(table)}")
     img = Image.new("RGB", (size, size), BACKGROUNDS[background])
     pen = ImageDraw.Draw(img)
-    r = rng.randint(size // 5, size // 3)
-    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    if at is None:
+        r = rng.randint(size // 5, size // 3)
+        cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    else:
+        cx, cy, r = at
     fill = COLOURS[colour]
     if shape == "circle":
         pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -121,6 +126,27 @@ def _templates() -> dict[str, np.ndarray]:
 TEMPLATES = _templates()
 
 
+def _distance_from_background(a: np.ndarray) -> np.ndarray:
+    """Each pixel's RGB distance from the background, taken as the border's median colour."""
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    return np.linalg.norm(a - np.median(border, axis=0), axis=2)
+
+
+def object_mask(image: Image.Image) -> np.ndarray:
+    """Where the main object is, as ``check`` sees it: the pixels far from the border's colour."""
+    return _distance_from_background(np.asarray(image.convert("RGB"), dtype=np.float32)) > 60
+
+
+def object_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom), inclusive, of a mask's object; None when under 1 % of it is set.
+    Rows and columns with a stray pixel or two do not stretch the box."""
+    rows = np.flatnonzero(mask.sum(1) >= 2)
+    cols = np.flatnonzero(mask.sum(0) >= 2)
+    if mask.sum() < 0.01 * mask.size or len(rows) == 0 or len(cols) == 0:
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
+
+
 def check(image: Image.Image) -> Verdict:
     """The main object's colour and shape, read from pixels.
 
@@ -129,16 +155,13 @@ def check(image: Image.Image) -> Verdict:
     rounded triangle is still far nearer a triangle than a circle, which a sampled picture needs.
     """
     a = np.asarray(image.convert("RGB"), dtype=np.float32)
-    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
-    background = np.median(border, axis=0)
-    distance = np.linalg.norm(a - background, axis=2)
+    distance = _distance_from_background(a)
     mask = distance > 60
-    # Rows and columns with a stray pixel or two do not stretch the bounding box.
-    rows = np.flatnonzero(mask.sum(1) >= 2)
-    cols = np.flatnonzero(mask.sum(0) >= 2)
-    if mask.sum() < 0.01 * mask.size or len(rows) == 0 or len(cols) == 0:
+    box = object_box(mask)
+    if box is None:
         return Verdict(None, None, 1.0, float(mask.mean()))
-    crop = Image.fromarray(mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].astype(np.uint8) * 255)
+    left, top, right, bottom = box
+    crop = Image.fromarray(mask[top:bottom + 1, left:right + 1].astype(np.uint8) * 255)
     seen = np.asarray(crop.resize((TEMPLATE_SIDE, TEMPLATE_SIDE), Image.BOX), dtype=np.float32) / 255
     distances = {shape: float(np.abs(seen - template).mean()) for shape, template in TEMPLATES.items()}
     shape = min(distances, key=distances.get)
