@@ -160,12 +160,11 @@ def controlnet_pipeline(pipe, controlnet):
     included) and ``controlnet``: no second download and no second copy in memory."""
     from diffusers import StableDiffusionControlNetPipeline
 
+    from .sampling import _same_components
+
     if (controlnet.device, controlnet.dtype) != (pipe.device, pipe.unet.dtype):
         controlnet.to(pipe.device, pipe.unet.dtype)
-    new = StableDiffusionControlNetPipeline(**{**pipe.components, "requires_safety_checker": False},
-                                            controlnet=controlnet)
-    new.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
-    return new
+    return _same_components(StableDiffusionControlNetPipeline, pipe, controlnet=controlnet)
 
 
 def check_control_size(controls: list[Image.Image], width: int, height: int, where: str = "control image") -> None:
@@ -252,20 +251,18 @@ def world_pairs(n: int, size: int = 64, control: str = "silhouette", seed: int =
 def folder_pairs(folder: str | Path, size: int = 512, low: float = 100, high: float = 200):
     """(canny edges, picture, caption) of a captioned dataset folder (notebook 01's: images and metadata.csv
     with file_name,text), each picture centre-cropped to ``size`` x ``size``: the pairs of a canny ControlNet."""
-    import csv
-
     from PIL import ImageOps
+
+    from .data import read_metadata
 
     metadata = Path(folder) / "metadata.csv"
     if not metadata.exists():
         raise FileNotFoundError(f"{metadata} is missing: a dataset folder holds its images and a metadata.csv with "
                                 "columns file_name,text (notebooks 01 and 02 write one)")
-    with metadata.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
     pairs = []
-    for row in rows:
-        picture = ImageOps.fit(Image.open(Path(folder) / row["file_name"]).convert("RGB"), (size, size), Image.BICUBIC)
-        pairs.append((canny(picture, low, high), picture, row["text"]))
+    for file_name, text in read_metadata(folder)[["file_name", "text"]].itertuples(index=False):
+        picture = ImageOps.fit(Image.open(Path(folder) / file_name).convert("RGB"), (size, size), Image.BICUBIC)
+        pairs.append((canny(picture, low, high), picture, text))
     return pairs
 
 

@@ -190,8 +190,8 @@ def inpaint_pipeline(pipe):
     return _same_components(StableDiffusionInpaintPipeline, pipe)
 
 
-def _same_components(pipeline_class, pipe):
-    new = pipeline_class(**{**pipe.components, "requires_safety_checker": False})
+def _same_components(pipeline_class, pipe, **extra):
+    new = pipeline_class(**{**pipe.components, "requires_safety_checker": False}, **extra)
     new.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return new
 
