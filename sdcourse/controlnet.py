@@ -61,6 +61,33 @@ def controlnet_from_unet(unet, embedding_channels: tuple[int, ...] = EMBEDDING_C
         return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(embedding_channels))
 
 
+# What a ControlNet shares with the UNet it steers: the latents it reads (in_channels), the text embeddings it
+# attends to (cross_attention_dim: 768 for SD 1.x's CLIP ViT-L, 1024 for SD 2.x's OpenCLIP ViT-H), and the shapes of
+# the residuals it adds to the UNet's skip connections (block_out_channels, layers_per_block).
+MATCHING_SETTINGS = ("in_channels", "cross_attention_dim", "block_out_channels", "layers_per_block")
+
+
+def _setting(config, name):
+    value = config.get(name)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def check_compatible(controlnet, unet, model: str | None = None) -> None:
+    """Raise a ValueError naming both models, each setting of ``MATCHING_SETTINGS`` they differ in and what to do,
+    where ``controlnet`` cannot steer ``unet`` (``model``: the UNet's model, as the learner knows it); else nothing.
+    Without this check such a pair fails deep inside the pipeline with a tensor shape error."""
+    differ = [f"{name} is {_setting(controlnet.config, name)} in the ControlNet, {_setting(unet.config, name)} in the model"
+              for name in MATCHING_SETTINGS if _setting(controlnet.config, name) != _setting(unet.config, name)]
+    if differ:
+        cn_name = controlnet.config.get("_name_or_path") or "(built in this session)"
+        model = model or unet.config.get("_name_or_path") or "(built in this session)"
+        raise ValueError(
+            f"The ControlNet {cn_name} was not made for the model {model}: {'; '.join(differ)}. A ControlNet only steers "
+            "the base model it was trained with and that base's fine-tunes: use a ControlNet made for this model's base "
+            f"(SD 1.x ControlNets such as {SD15_CANNY} for SD 1.x models, SD 2.x ControlNets for SD 2.x models), "
+            "or train one from this model's UNet (train_controlnet).")
+
+
 def load_controlnet(folder_or_id: str | Path, dtype=None):
     """``ControlNetModel.from_pretrained`` with safetensors only (a saved folder, or a hub id such as SD15_CANNY)."""
     from diffusers import ControlNetModel
@@ -162,6 +189,7 @@ def controlnet_pipeline(pipe, controlnet):
 
     from .sampling import _same_components
 
+    check_compatible(controlnet, pipe.unet, pipe.name_or_path)
     if (controlnet.device, controlnet.dtype) != (pipe.device, pipe.unet.dtype):
         controlnet.to(pipe.device, pipe.unet.dtype)
     return _same_components(StableDiffusionControlNetPipeline, pipe, controlnet=controlnet)

@@ -2,6 +2,7 @@
 the UNet frozen, saved and loaded back, and measured: the shape lands where the control image says."""
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -93,6 +94,31 @@ def test_a_control_image_of_the_wrong_size_is_refused_with_what_to_do(tiny_sd_pa
         controlnet.train_controlnet(controlnet.ControlNetConfig(model=tiny_sd_path, output_dir=str(tmp_path)), pairs)
     with pytest.raises(ValueError, match="choose one of"):
         controlnet.world_pairs(4, control="depth")
+
+
+def test_a_controlnet_made_for_another_architecture_is_refused_naming_both_and_the_setting(tiny_sd_path, tiny_sd_v_path,
+                                                                                           tmp_path):
+    """As SD 1.5's canny ControlNet (cross-attention 768) with an SD 2.x model (1024): the miniature's SD 1.x and
+    2.x share their widths, so the mismatching ControlNets come from UNets of other widths."""
+    from diffusers import UNet2DConditionModel
+
+    pipe = load_pipe(tiny_sd_path)
+    fits = controlnet.load_controlnet(controlnet.MINIATURE_CONTROLNET)
+    controlnet.check_compatible(fits, pipe.unet)  # the miniature's own: nothing raised
+    controlnet.check_compatible(fits, load_pipe(tiny_sd_v_path).unet)  # the miniature's SD 2.x has the same layout
+    control = controlnet.control_at("circle", "top left")
+    wider = UNet2DConditionModel.from_config({**pipe.unet.config, "cross_attention_dim": 48})
+    controlnet.controlnet_from_unet(wider, controlnet.MINIATURE_EMBEDDING_CHANNELS).save_pretrained(tmp_path / "wider")
+    narrower = UNet2DConditionModel.from_config({**pipe.unet.config, "block_out_channels": (32, 32)})
+    for cn, name, says in [
+            (controlnet.load_controlnet(tmp_path / "wider"), tmp_path / "wider",
+             "cross_attention_dim is 48 in the ControlNet, 32 in the model"),
+            (controlnet.controlnet_from_unet(narrower, controlnet.MINIATURE_EMBEDDING_CHANNELS), "(built in this session)",
+             "block_out_channels is (32, 32) in the ControlNet, (32, 64) in the model")]:
+        with pytest.raises(ValueError, match=re.escape(f"ControlNet {name} was not made for the model {tiny_sd_path}: "
+                                                       f"{says}.")) as raised:
+            controlnet.generate(pipe, cn, ["a red circle on a white background"], [control], [0], steps=2)
+        assert f"SD 1.x ControlNets such as {controlnet.SD15_CANNY} for SD 1.x models" in str(raised.value)
 
 
 def test_a_trained_controlnet_puts_the_shape_where_the_control_says(tiny_sd_path, tmp_path):
