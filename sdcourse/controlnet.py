@@ -29,9 +29,10 @@ import torch
 from PIL import Image, ImageFilter
 
 from . import models, world
+from .checkpoints import newest_checkpoint, remove_unfinished_checkpoints, resume, save_checkpoint
 from .latent_cache import encode_pixels, encode_texts
 from .optimizer import LossScaler, UNetOptimizer
-from .runtime import compute_dtype_for, free_memory
+from .runtime import atomic_dir, compute_dtype_for, free_memory
 from .train import diffusion_loss, step_seed
 
 # The conditioning embedding: a small convolutional net taking the control image to the latents' size,
@@ -247,7 +248,7 @@ class ControlNetConfig:
     """A ControlNet run: the UNet, VAE and text encoder of ``model`` frozen, only the ControlNet learns."""
 
     model: str                           # pipeline folder or hub id: the model the ControlNet learns to steer
-    output_dir: str                      # the ControlNet is saved to output_dir/controlnet
+    output_dir: str                      # the ControlNet is saved to output_dir/controlnet, checkpoints to output_dir/checkpoints
     control: str = "silhouette"          # for the miniature's pairs: "silhouette" or "outline"
     pictures: int = 512                  # the miniature's pairs drawn by world.scenes (when no pairs are given)
     size: int = 512                      # of the pictures and control images (the miniature: 64)
@@ -259,13 +260,16 @@ class ControlNetConfig:
     gradient_checkpointing: bool = True
     seed: int = 0
     embedding_channels: tuple[int, ...] = EMBEDDING_CHANNELS
+    checkpoint_every: int = 500          # a resumable checkpoint every N steps and at the last (as TrainConfig's)
+    keep_checkpoints: int = 2
+    resume: bool = True                  # continue from the newest checkpoint in output_dir if there is one
 
 
 @dataclass
 class ControlNetResult:
     folder: Path                         # ControlNetModel.from_pretrained(folder) loads it
     controlnet: torch.nn.Module          # the trained model itself
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # one per step of the whole run, resumed sessions included
     seconds: float = 0.0
 
 
@@ -318,9 +322,17 @@ def train_controlnet(cfg: ControlNetConfig, pairs=None, on_step=None) -> Control
     """Train a ControlNet, initialised from ``cfg.model``'s UNet, on ``pairs`` of (control image, picture,
     caption), by default ``world_pairs``; the course's loss (``train.diffusion_loss``) and memory recipe:
     latents and text embeddings cached, then the VAE and text encoder leave; 8-bit AdamW stepped inside
-    the backward pass; fp16 autocast with loss scaling on a T4; gradient checkpointing. ``on_step(step, loss)``."""
+    the backward pass; fp16 autocast with loss scaling on a T4; gradient checkpointing. ``on_step(step, loss)``.
+
+    Resumable as ``train.train``: a checkpoint (the ControlNet's weights, the optimizer, the data order, the losses)
+    every ``cfg.checkpoint_every`` steps and at the last, each written aside and renamed; called again with the same
+    ``output_dir`` it continues from the newest and ends with the weights of an uninterrupted run. The final
+    ControlNet is written aside and renamed too: ``output_dir/controlnet`` is whole or absent."""
     if cfg.optimizer not in ("adamw8bit", "adamw"):
         raise ValueError(f"ControlNetConfig.optimizer = {cfg.optimizer!r}; choose 'adamw8bit' (bitsandbytes) or 'adamw'")
+    if cfg.checkpoint_every < 1 or cfg.keep_checkpoints < 1:
+        raise ValueError(f"ControlNetConfig.checkpoint_every ({cfg.checkpoint_every}) and keep_checkpoints "
+                         f"({cfg.keep_checkpoints}) must be at least 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype_for(cfg.mixed_precision, device)
     pairs = world_pairs(cfg.pictures, cfg.size, cfg.control, cfg.seed) if pairs is None else list(pairs)
@@ -342,8 +354,16 @@ def train_controlnet(cfg: ControlNetConfig, pairs=None, on_step=None) -> Control
     m.text_encoder.to("cpu")
     free_memory()
 
-    controlnet = controlnet_from_unet(m.unet, cfg.embedding_channels, 2 ** (len(m.vae.config.block_out_channels) - 1),
-                                      cfg.seed)
+    saved = Path(cfg.output_dir) / "checkpoints"
+    if saved.is_dir():
+        remove_unfinished_checkpoints(saved)
+    start = newest_checkpoint(saved) if cfg.resume else None
+    if start is None:
+        controlnet = controlnet_from_unet(m.unet, cfg.embedding_channels,
+                                          2 ** (len(m.vae.config.block_out_channels) - 1), cfg.seed)
+    else:  # its fp32 weights as they were at that step
+        controlnet = load_controlnet(start / "controlnet")
+        check_compatible(controlnet, m.unet, cfg.model)
     unet = m.unet.requires_grad_(False).to(device)
     if dtype != torch.float32:
         unet.to(dtype)  # frozen: its half-precision copy is all it needs
@@ -355,8 +375,16 @@ def train_controlnet(cfg: ControlNetConfig, pairs=None, on_step=None) -> Control
                               fused=True)
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     order = torch.Generator().manual_seed(cfg.seed)
-    losses, clock = [], time.perf_counter()
-    for step in range(cfg.steps):
+    losses, first = [], 0
+    if start is not None:  # the noise needs no state (step_seed); the batches' order does
+        state = resume(start, optimizer, None, 1, device, print)
+        first, losses = state["step"], state["losses"]
+        order.set_state(state["order"])
+        print(f"Resuming from {start} (step {first} of {cfg.steps})."
+              + (" Nothing left to train: raise steps to train further, or set resume=False to start over."
+                 if first >= cfg.steps else ""))
+    clock = time.perf_counter()
+    for step in range(first, cfg.steps):
         batch = torch.randint(0, len(pairs), (cfg.batch_size,), generator=order)
         generator = torch.Generator(device).manual_seed(step_seed(cfg.seed, 0, step))
         with autocast:
@@ -368,8 +396,13 @@ def train_controlnet(cfg: ControlNetConfig, pairs=None, on_step=None) -> Control
         losses.append(loss.item())
         if on_step is not None:
             on_step(step + 1, losses[-1])
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(saved, step + 1, controlnet, {"step": step + 1, "optimizer": optimizer.state_dict(),
+                                                          "losses": losses, "order": order.get_state()},
+                            None, cfg.keep_checkpoints, subfolder="controlnet")
     folder = Path(cfg.output_dir) / "controlnet"
-    controlnet.save_pretrained(folder, safe_serialization=True)
+    with atomic_dir(folder) as tmp:
+        controlnet.save_pretrained(tmp, safe_serialization=True)
     return ControlNetResult(folder, controlnet.eval(), losses, time.perf_counter() - clock)
 
 

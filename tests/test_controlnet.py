@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from sdcourse import controlnet, models, sampling, world
+from sdcourse.checkpoints import checkpoint_dirs
 
 # Measured on the shipped miniature (controlnet.miniature_config but for the steps and, in these, an unseeded
 # embedding initialisation: batch 8, lr 2e-3, 512 pairs; 24 prompts, one per corner in turn, DPM++ 2M Karras,
@@ -81,6 +82,36 @@ def test_training_saves_a_controlnet_that_loads_back_equal(tiny_sd_path, tmp_pat
     saved, trained = loaded.state_dict(), result.controlnet.state_dict()
     assert saved.keys() == trained.keys() and all(torch.equal(saved[k], trained[k].cpu()) for k in saved)
     assert float(trained["controlnet_mid_block.weight"].abs().max()) > 0  # it trained: the zero convolution moved
+
+
+def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_sd_path, tmp_path):
+    def config(out):
+        return controlnet.ControlNetConfig(model=tiny_sd_path, output_dir=str(tmp_path / out), size=64, pictures=8, steps=4,
+                                           batch_size=2, lr=1e-3, optimizer="adamw", gradient_checkpointing=False,
+                                           checkpoint_every=2, embedding_channels=controlnet.MINIATURE_EMBEDDING_CHANNELS)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step, loss):
+        if step == 3:
+            raise Stop  # as a session ending: after step 3, before its checkpoint would have been written (there is none)
+
+    whole = controlnet.train_controlnet(config("whole"))
+    with pytest.raises(Stop):
+        controlnet.train_controlnet(config("cut"), on_step=stop_at_3)
+    cut = tmp_path / "cut"
+    assert [d.name for d in checkpoint_dirs(cut / "checkpoints")] == ["step-000002"] and not (cut / "controlnet").exists()
+    steps = []
+    resumed = controlnet.train_controlnet(config("cut"), on_step=lambda step, loss: steps.append(step))
+    assert steps == [3, 4] and resumed.losses == whole.losses  # the whole run's losses, the first two from the checkpoint
+    a, b = (controlnet.load_controlnet(r.folder).state_dict() for r in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [d.name for d in checkpoint_dirs(cut / "checkpoints")] == ["step-000002", "step-000004"]
+    assert (cut / "checkpoints" / "step-000004" / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
+    assert not [p for p in cut.rglob(".*")]  # no temporary folder left
+    again = controlnet.train_controlnet(config("cut"), on_step=lambda step, loss: steps.append(step))
+    assert steps == [3, 4] and again.losses == whole.losses  # finished: nothing trained twice
 
 
 def test_a_control_image_of_the_wrong_size_is_refused_with_what_to_do(tiny_sd_path, tmp_path):
