@@ -248,7 +248,7 @@ class ControlNetConfig:
     """A ControlNet run: the UNet, VAE and text encoder of ``model`` frozen, only the ControlNet learns."""
 
     model: str                           # pipeline folder or hub id: the model the ControlNet learns to steer
-    output_dir: str                      # the ControlNet is saved to output_dir/controlnet, checkpoints to output_dir/checkpoints
+    output_dir: str                      # the ControlNet goes to output_dir/controlnet, checkpoints to output_dir/checkpoints
     control: str = "silhouette"          # for the miniature's pairs: "silhouette" or "outline"
     pictures: int = 512                  # the miniature's pairs drawn by world.scenes (when no pairs are given)
     size: int = 512                      # of the pictures and control images (the miniature: 64)

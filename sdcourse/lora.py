@@ -126,9 +126,8 @@ def export_kohya(folder: str | Path, out_file: str | Path) -> Path:
     state = convert_state_dict_to_kohya({"unet." + k: v for k, v in layers.items()})
     for key, down in layers.items():  # diffusers writes alpha = rank; the web UIs scale by alpha / rank
         if key.endswith(".lora_A.weight"):
-            module = key.removesuffix(".lora_A.weight")
-            state[f"lora_unet_{module.replace('.', '_')}.alpha"] = torch.tensor(lora_scale(settings, module, down.shape[0])
-                                                                                * down.shape[0])
+            module, rank = key.removesuffix(".lora_A.weight"), down.shape[0]
+            state[f"lora_unet_{module.replace('.', '_')}.alpha"] = torch.tensor(lora_scale(settings, module, rank) * rank)
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".{out_file.name}.partial")
