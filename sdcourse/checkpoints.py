@@ -97,10 +97,11 @@ def disk_full(error: BaseException) -> bool:
     return "no space left" in text or "quota exceeded" in text or "file write failed" in text
 
 
-def save_checkpoint(folder: Path, step: int, unet, training_state: dict, ema: CpuEMA | None, keep: int) -> Path:
-    """``folder/step-000500/`` with ``unet/`` (diffusers layout) or, for LoRA, its LoRA weights,
-    ``training_state.pt`` and the EMA weights. The free space is checked first, against the size of
-    the last checkpoint (or, for the first, what its tensors weigh)."""
+def save_checkpoint(folder: Path, step: int, unet, training_state: dict, ema: CpuEMA | None, keep: int,
+                    subfolder: str = "unet") -> Path:
+    """``folder/step-000500/`` with ``unet/`` (diffusers layout; ``subfolder`` names it for another model, a
+    ControlNet's) or, for LoRA, its LoRA weights, ``training_state.pt`` and the EMA weights. The free space is
+    checked first, against the size of the last checkpoint (or, for the first, what its tensors weigh)."""
     from safetensors.torch import save_file
 
     target = folder / f"step-{step:06d}"
@@ -116,7 +117,7 @@ def save_checkpoint(folder: Path, step: int, unet, training_state: dict, ema: Cp
         if lora.has_lora(unet):
             lora.save_lora(unet, tmp)
         else:
-            unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            unet.save_pretrained(tmp / subfolder, safe_serialization=True)
         torch.save(training_state, tmp / "training_state.pt")
         if ema is not None:
             save_file(ema.weights, tmp / "ema_unet.safetensors")

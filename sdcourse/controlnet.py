@@ -29,9 +29,10 @@ import torch
 from PIL import Image, ImageFilter
 
 from . import models, world
+from .checkpoints import newest_checkpoint, remove_unfinished_checkpoints, resume, save_checkpoint
 from .latent_cache import encode_pixels, encode_texts
 from .optimizer import LossScaler, UNetOptimizer
-from .runtime import compute_dtype_for, free_memory
+from .runtime import atomic_dir, compute_dtype_for, free_memory
 from .train import diffusion_loss, step_seed
 
 # The conditioning embedding: a small convolutional net taking the control image to the latents' size,
@@ -59,6 +60,33 @@ def controlnet_from_unet(unet, embedding_channels: tuple[int, ...] = EMBEDDING_C
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(embedding_channels))
+
+
+# What a ControlNet shares with the UNet it steers: the latents it reads (in_channels), the text embeddings it
+# attends to (cross_attention_dim: 768 for SD 1.x's CLIP ViT-L, 1024 for SD 2.x's OpenCLIP ViT-H), and the shapes of
+# the residuals it adds to the UNet's skip connections (block_out_channels, layers_per_block).
+MATCHING_SETTINGS = ("in_channels", "cross_attention_dim", "block_out_channels", "layers_per_block")
+
+
+def _setting(config, name):
+    value = config.get(name)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def check_compatible(controlnet, unet, model: str | None = None) -> None:
+    """Raise a ValueError naming both models, each setting of ``MATCHING_SETTINGS`` they differ in and what to do,
+    where ``controlnet`` cannot steer ``unet`` (``model``: the UNet's model, as the learner knows it); else nothing.
+    Without this check such a pair fails deep inside the pipeline with a tensor shape error."""
+    differ = [f"{name} is {_setting(controlnet.config, name)} in the ControlNet, {_setting(unet.config, name)} in the model"
+              for name in MATCHING_SETTINGS if _setting(controlnet.config, name) != _setting(unet.config, name)]
+    if differ:
+        cn_name = controlnet.config.get("_name_or_path") or "(built in this session)"
+        model = model or unet.config.get("_name_or_path") or "(built in this session)"
+        raise ValueError(
+            f"The ControlNet {cn_name} was not made for the model {model}: {'; '.join(differ)}. A ControlNet only steers "
+            "the base model it was trained with and that base's fine-tunes: use a ControlNet made for this model's base "
+            f"(SD 1.x ControlNets such as {SD15_CANNY} for SD 1.x models, SD 2.x ControlNets for SD 2.x models), "
+            "or train one from this model's UNet (train_controlnet).")
 
 
 def load_controlnet(folder_or_id: str | Path, dtype=None):
@@ -162,6 +190,7 @@ def controlnet_pipeline(pipe, controlnet):
 
     from .sampling import _same_components
 
+    check_compatible(controlnet, pipe.unet, pipe.name_or_path)
     if (controlnet.device, controlnet.dtype) != (pipe.device, pipe.unet.dtype):
         controlnet.to(pipe.device, pipe.unet.dtype)
     return _same_components(StableDiffusionControlNetPipeline, pipe, controlnet=controlnet)
@@ -219,7 +248,7 @@ class ControlNetConfig:
     """A ControlNet run: the UNet, VAE and text encoder of ``model`` frozen, only the ControlNet learns."""
 
     model: str                           # pipeline folder or hub id: the model the ControlNet learns to steer
-    output_dir: str                      # the ControlNet is saved to output_dir/controlnet
+    output_dir: str                      # the ControlNet goes to output_dir/controlnet, checkpoints to output_dir/checkpoints
     control: str = "silhouette"          # for the miniature's pairs: "silhouette" or "outline"
     pictures: int = 512                  # the miniature's pairs drawn by world.scenes (when no pairs are given)
     size: int = 512                      # of the pictures and control images (the miniature: 64)
@@ -231,13 +260,16 @@ class ControlNetConfig:
     gradient_checkpointing: bool = True
     seed: int = 0
     embedding_channels: tuple[int, ...] = EMBEDDING_CHANNELS
+    checkpoint_every: int = 500          # a resumable checkpoint every N steps and at the last (as TrainConfig's)
+    keep_checkpoints: int = 2
+    resume: bool = True                  # continue from the newest checkpoint in output_dir if there is one
 
 
 @dataclass
 class ControlNetResult:
     folder: Path                         # ControlNetModel.from_pretrained(folder) loads it
     controlnet: torch.nn.Module          # the trained model itself
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # one per step of the whole run, resumed sessions included
     seconds: float = 0.0
 
 
@@ -290,9 +322,17 @@ def train_controlnet(cfg: ControlNetConfig, pairs=None, on_step=None) -> Control
     """Train a ControlNet, initialised from ``cfg.model``'s UNet, on ``pairs`` of (control image, picture,
     caption), by default ``world_pairs``; the course's loss (``train.diffusion_loss``) and memory recipe:
     latents and text embeddings cached, then the VAE and text encoder leave; 8-bit AdamW stepped inside
-    the backward pass; fp16 autocast with loss scaling on a T4; gradient checkpointing. ``on_step(step, loss)``."""
+    the backward pass; fp16 autocast with loss scaling on a T4; gradient checkpointing. ``on_step(step, loss)``.
+
+    Resumable as ``train.train``: a checkpoint (the ControlNet's weights, the optimizer, the data order, the losses)
+    every ``cfg.checkpoint_every`` steps and at the last, each written aside and renamed; called again with the same
+    ``output_dir`` it continues from the newest and ends with the weights of an uninterrupted run. The final
+    ControlNet is written aside and renamed too: ``output_dir/controlnet`` is whole or absent."""
     if cfg.optimizer not in ("adamw8bit", "adamw"):
         raise ValueError(f"ControlNetConfig.optimizer = {cfg.optimizer!r}; choose 'adamw8bit' (bitsandbytes) or 'adamw'")
+    if cfg.checkpoint_every < 1 or cfg.keep_checkpoints < 1:
+        raise ValueError(f"ControlNetConfig.checkpoint_every ({cfg.checkpoint_every}) and keep_checkpoints "
+                         f"({cfg.keep_checkpoints}) must be at least 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype_for(cfg.mixed_precision, device)
     pairs = world_pairs(cfg.pictures, cfg.size, cfg.control, cfg.seed) if pairs is None else list(pairs)
@@ -314,8 +354,16 @@ def train_controlnet(cfg: ControlNetConfig, pairs=None, on_step=None) -> Control
     m.text_encoder.to("cpu")
     free_memory()
 
-    controlnet = controlnet_from_unet(m.unet, cfg.embedding_channels, 2 ** (len(m.vae.config.block_out_channels) - 1),
-                                      cfg.seed)
+    saved = Path(cfg.output_dir) / "checkpoints"
+    if saved.is_dir():
+        remove_unfinished_checkpoints(saved)
+    start = newest_checkpoint(saved) if cfg.resume else None
+    if start is None:
+        controlnet = controlnet_from_unet(m.unet, cfg.embedding_channels,
+                                          2 ** (len(m.vae.config.block_out_channels) - 1), cfg.seed)
+    else:  # its fp32 weights as they were at that step
+        controlnet = load_controlnet(start / "controlnet")
+        check_compatible(controlnet, m.unet, cfg.model)
     unet = m.unet.requires_grad_(False).to(device)
     if dtype != torch.float32:
         unet.to(dtype)  # frozen: its half-precision copy is all it needs
@@ -327,8 +375,16 @@ def train_controlnet(cfg: ControlNetConfig, pairs=None, on_step=None) -> Control
                               fused=True)
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else contextlib.nullcontext()
     order = torch.Generator().manual_seed(cfg.seed)
-    losses, clock = [], time.perf_counter()
-    for step in range(cfg.steps):
+    losses, first = [], 0
+    if start is not None:  # the noise needs no state (step_seed); the batches' order does
+        state = resume(start, optimizer, None, 1, device, print)
+        first, losses = state["step"], state["losses"]
+        order.set_state(state["order"])
+        print(f"Resuming from {start} (step {first} of {cfg.steps})."
+              + (" Nothing left to train: raise steps to train further, or set resume=False to start over."
+                 if first >= cfg.steps else ""))
+    clock = time.perf_counter()
+    for step in range(first, cfg.steps):
         batch = torch.randint(0, len(pairs), (cfg.batch_size,), generator=order)
         generator = torch.Generator(device).manual_seed(step_seed(cfg.seed, 0, step))
         with autocast:
@@ -340,8 +396,13 @@ def train_controlnet(cfg: ControlNetConfig, pairs=None, on_step=None) -> Control
         losses.append(loss.item())
         if on_step is not None:
             on_step(step + 1, losses[-1])
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(saved, step + 1, controlnet, {"step": step + 1, "optimizer": optimizer.state_dict(),
+                                                          "losses": losses, "order": order.get_state()},
+                            None, cfg.keep_checkpoints, subfolder="controlnet")
     folder = Path(cfg.output_dir) / "controlnet"
-    controlnet.save_pretrained(folder, safe_serialization=True)
+    with atomic_dir(folder) as tmp:
+        controlnet.save_pretrained(tmp, safe_serialization=True)
     return ControlNetResult(folder, controlnet.eval(), losses, time.perf_counter() - clock)
 
 

@@ -4,8 +4,8 @@ Each attention projection W (to_q, to_k, to_v, to_out) gets a trainable W + B·A
 [rank, in] and B of shape [out, rank]; W itself stays frozen. At rank 8 that is 1.6 million parameters,
 0.2 % of SD 1.5's UNet (counted in notebook 06), so gradients and optimizer states almost vanish and the
 result is a file of a few megabytes that loads on top of the base model (Hu et al. 2021). peft implements the
-layers; diffusers loads and saves them. The scale alpha/rank is fixed to 1 (alpha = rank), which keeps
-the exported web-UI file's ``alpha`` honest.
+layers; diffusers loads and saves them. ``add_lora`` fixes the scale alpha/rank to 1 (alpha = rank); ``save_lora``
+keeps alpha and rank with the weights, so ``fuse_into`` and ``export_kohya`` scale a LoRA made otherwise right too.
 
 LoRAs stack: ``apply_lora_tags`` reads a prompt's ``<lora:name:weight>`` tags as the web UIs do and
 weights those adapters; ``fuse_into`` folds one into a UNet's weights, a whole model to merge with others.
@@ -14,6 +14,7 @@ weights those adapters; ``fuse_into`` folds one into a UNet's weights, a whole m
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from collections.abc import Iterable
@@ -28,6 +29,10 @@ TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 # spatial detail. A conv LoRA's A is a k x k convolution to ``rank`` channels, its B a 1x1 back.
 CONV_TARGET_MODULES = ["conv1", "conv2", "conv_shortcut", "conv"]
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
+# The LoraConfig settings that say what the saved weights mean (the scale alpha/rank, per module with the patterns),
+# saved with them as diffusers' adapter metadata. Only these: every peft since 0.9 knows them, while the whole config
+# of a newer peft has fields an older one refuses (diffusers builds LoraConfig(**metadata) when it loads).
+ADAPTER_SETTINGS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "use_rslora", "use_dora")
 
 
 def add_lora(unet, rank: int, seed: int = 0, conv: bool = False) -> list[torch.nn.Parameter]:
@@ -62,7 +67,10 @@ def save_lora(unet, folder: str | Path) -> Path:
 
     layers = {k: v.detach().float().cpu().contiguous()
               for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)).items()}
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    config = unet.peft_config["default"].to_dict()
+    settings = {k: sorted(config[k]) if isinstance(config[k], set) else config[k] for k in ADAPTER_SETTINGS}
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True,
+                                              unet_lora_adapter_metadata=settings)
     return Path(folder) / WEIGHT_NAME
 
 
@@ -71,6 +79,33 @@ def _unet_peft_state(folder: str | Path) -> dict[str, torch.Tensor]:
 
     saved = load_file(Path(folder) / WEIGHT_NAME)
     return convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in saved.items() if k.startswith("unet.")})
+
+
+def adapter_settings(folder: str | Path) -> dict:
+    """The ``ADAPTER_SETTINGS`` that ``save_lora`` kept with the weights, for ``lora_scale``; {} for a file saved
+    without them (older saves, other tools), which diffusers reads as alpha = rank. A DoRA is refused: its weights
+    are not W + scale·B·A."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors import safe_open
+
+    file = Path(folder) / WEIGHT_NAME
+    with safe_open(file, "pt") as f:
+        raw = (f.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY)
+    settings = {k.removeprefix("unet."): v for k, v in json.loads(raw).items() if k.startswith("unet.")} if raw else {}
+    if settings.get("use_dora"):
+        raise ValueError(f"{file} is a DoRA (use_dora): its weights are not W + B·A, so it cannot be fused or exported "
+                         "here; load it with pipe.load_lora_weights instead")
+    return settings
+
+
+def lora_scale(settings: dict, module: str, rank: int) -> float:
+    """What peft multiplies B·A by in ``module``: alpha / rank (alpha / sqrt(rank) with rsLoRA), alpha from the
+    first ``alpha_pattern`` that names the module (peft's rule: the pattern matches the name's end), else
+    ``lora_alpha``; without settings alpha = rank. The rank is the module's own (A's rows: ``rank_pattern`` applied)."""
+    patterns = settings.get("alpha_pattern") or {}
+    key = next((p for p in patterns if re.match(rf"(.*\.)?({p})$", module)), None)
+    alpha = patterns[key] if key is not None else settings.get("lora_alpha", rank)
+    return alpha / (math.sqrt(rank) if settings.get("use_rslora") else rank)
 
 
 def load_lora_into(unet, folder: str | Path) -> None:
@@ -87,7 +122,12 @@ def export_kohya(folder: str | Path, out_file: str | Path) -> Path:
     """The LoRA in kohya's format, the one the AUTOMATIC1111 web UI and ComfyUI load (``<lora:name:0.8>``)."""
     from diffusers.utils import convert_state_dict_to_kohya
 
-    state = convert_state_dict_to_kohya({"unet." + k: v for k, v in _unet_peft_state(folder).items()})
+    layers, settings = _unet_peft_state(folder), adapter_settings(folder)
+    state = convert_state_dict_to_kohya({"unet." + k: v for k, v in layers.items()})
+    for key, down in layers.items():  # diffusers writes alpha = rank; the web UIs scale by alpha / rank
+        if key.endswith(".lora_A.weight"):
+            module, rank = key.removesuffix(".lora_A.weight"), down.shape[0]
+            state[f"lora_unet_{module.replace('.', '_')}.alpha"] = torch.tensor(lora_scale(settings, module, rank) * rank)
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".{out_file.name}.partial")
@@ -161,9 +201,9 @@ def apply_lora_tags(pipe, prompt: str, loras: dict[str, str | Path]) -> str:
 
 
 def fuse_into(unet_state: dict[str, torch.Tensor], folder: str | Path, weight: float = 1.0) -> dict[str, torch.Tensor]:
-    """A UNet's weights with a LoRA saved by ``save_lora`` folded in, W + weight·B·A (alpha = rank, as
-    ``add_lora`` sets it): a whole model that draws what the LoRA taught, e.g. to merge with another."""
-    layers = _unet_peft_state(folder)
+    """A UNet's weights with a LoRA saved by ``save_lora`` folded in, W + weight·(alpha/rank)·B·A, alpha and rank
+    as saved with it (``lora_scale``): a whole model that draws what the LoRA taught, e.g. to merge with another."""
+    layers, settings = _unet_peft_state(folder), adapter_settings(folder)
     fused = dict(unet_state)
     for key, down in layers.items():
         if key.endswith(".lora_A.weight"):
@@ -172,6 +212,6 @@ def fuse_into(unet_state: dict[str, torch.Tensor], folder: str | Path, weight: f
             # B·A for a linear layer; for a LoCon convolution (A a k x k conv to rank channels, B a 1x1
             # back) the same product over the flattened kernels, reshaped to the conv's weight.
             up = layers[module + ".lora_B.weight"].float().flatten(1)
-            delta = (up @ down.float().flatten(1)).reshape(target.shape)
+            delta = (up @ down.float().flatten(1)).reshape(target.shape) * lora_scale(settings, module, down.shape[0])
             fused[module + ".weight"] = (target.float() + weight * delta.to(target.device)).to(target.dtype)
     return fused

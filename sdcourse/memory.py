@@ -61,6 +61,7 @@ def sd15_unet_shape():
 class MemoryEstimate:
     parts: dict[str, float]  # name -> GiB
     model: str = ""          # what it was estimated for, when known
+    on_cpu: bool = False     # for a run on the CPU: the same settings' figure on a GPU, not what this run uses
 
     @property
     def total(self) -> float:
@@ -69,7 +70,10 @@ class MemoryEstimate:
     def __str__(self) -> str:
         lines = [f"  {name:<42}{gib:6.2f} GiB" for name, gib in self.parts.items() if gib > 0.005]
         what = f" for {self.model}" if self.model else ""
-        return "\n".join([f"Estimated peak GPU memory{what} (an estimate, see sdcourse/memory.py):", *lines,
+        header = (f"Estimated peak GPU memory{what} that these settings would need on a GPU (this run is on the CPU, "
+                  "which uses no GPU memory; an estimate, see sdcourse/memory.py):" if self.on_cpu else
+                  f"Estimated peak GPU memory{what} (an estimate, see sdcourse/memory.py):")
+        return "\n".join([header, *lines,
                           f"  {'total':<42}{self.total:6.2f} GiB"])
 
 

@@ -82,11 +82,13 @@ class Run:
 
     def estimate_memory(self, unet, m: Models) -> memory.MemoryEstimate:
         cfg = self.cfg
-        return memory.estimate_peak(unet, sum(p.numel() for f in (m.vae, m.text_encoder) for p in f.parameters()),
-                                    batch_size=cfg.batch_size, width=cfg.width, height=cfg.height,
-                                    half_precision=self.dtype != torch.float32, optimizer=cfg.optimizer,
-                                    fused_step=self.fused, gradient_checkpointing=cfg.gradient_checkpointing,
-                                    cache_latents=cfg.cache_latents)
+        estimate = memory.estimate_peak(unet, sum(p.numel() for f in (m.vae, m.text_encoder) for p in f.parameters()),
+                                        batch_size=cfg.batch_size, width=cfg.width, height=cfg.height,
+                                        half_precision=self.dtype != torch.float32, optimizer=cfg.optimizer,
+                                        fused_step=self.fused, gradient_checkpointing=cfg.gradient_checkpointing,
+                                        cache_latents=cfg.cache_latents)
+        estimate.on_cpu = self.device.type != "cuda"
+        return estimate
 
     def measured_peak(self, estimate: memory.MemoryEstimate) -> float | None:
         """The peak GPU memory so far in GiB, said next to the estimate (on a GPU; None on the CPU)."""

@@ -2,6 +2,7 @@
 the UNet frozen, saved and loaded back, and measured: the shape lands where the control image says."""
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 
 from sdcourse import controlnet, models, sampling, world
+from sdcourse.checkpoints import checkpoint_dirs
 
 # Measured on the shipped miniature (controlnet.miniature_config but for the steps and, in these, an unseeded
 # embedding initialisation: batch 8, lr 2e-3, 512 pairs; 24 prompts, one per corner in turn, DPM++ 2M Karras,
@@ -82,6 +84,36 @@ def test_training_saves_a_controlnet_that_loads_back_equal(tiny_sd_path, tmp_pat
     assert float(trained["controlnet_mid_block.weight"].abs().max()) > 0  # it trained: the zero convolution moved
 
 
+def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_sd_path, tmp_path):
+    def config(out):
+        return controlnet.ControlNetConfig(model=tiny_sd_path, output_dir=str(tmp_path / out), size=64, pictures=8, steps=4,
+                                           batch_size=2, lr=1e-3, optimizer="adamw", gradient_checkpointing=False,
+                                           checkpoint_every=2, embedding_channels=controlnet.MINIATURE_EMBEDDING_CHANNELS)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step, loss):
+        if step == 3:
+            raise Stop  # as a session ending: after step 3, before its checkpoint would have been written (there is none)
+
+    whole = controlnet.train_controlnet(config("whole"))
+    with pytest.raises(Stop):
+        controlnet.train_controlnet(config("cut"), on_step=stop_at_3)
+    cut = tmp_path / "cut"
+    assert [d.name for d in checkpoint_dirs(cut / "checkpoints")] == ["step-000002"] and not (cut / "controlnet").exists()
+    steps = []
+    resumed = controlnet.train_controlnet(config("cut"), on_step=lambda step, loss: steps.append(step))
+    assert steps == [3, 4] and resumed.losses == whole.losses  # the whole run's losses, the first two from the checkpoint
+    a, b = (controlnet.load_controlnet(r.folder).state_dict() for r in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [d.name for d in checkpoint_dirs(cut / "checkpoints")] == ["step-000002", "step-000004"]
+    assert (cut / "checkpoints" / "step-000004" / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
+    assert not [p for p in cut.rglob(".*")]  # no temporary folder left
+    again = controlnet.train_controlnet(config("cut"), on_step=lambda step, loss: steps.append(step))
+    assert steps == [3, 4] and again.losses == whole.losses  # finished: nothing trained twice
+
+
 def test_a_control_image_of_the_wrong_size_is_refused_with_what_to_do(tiny_sd_path, tmp_path):
     pipe = load_pipe(tiny_sd_path)
     cn = controlnet.controlnet_from_unet(pipe.unet, controlnet.MINIATURE_EMBEDDING_CHANNELS)
@@ -93,6 +125,31 @@ def test_a_control_image_of_the_wrong_size_is_refused_with_what_to_do(tiny_sd_pa
         controlnet.train_controlnet(controlnet.ControlNetConfig(model=tiny_sd_path, output_dir=str(tmp_path)), pairs)
     with pytest.raises(ValueError, match="choose one of"):
         controlnet.world_pairs(4, control="depth")
+
+
+def test_a_controlnet_made_for_another_architecture_is_refused_naming_both_and_the_setting(tiny_sd_path, tiny_sd_v_path,
+                                                                                           tmp_path):
+    """As SD 1.5's canny ControlNet (cross-attention 768) with an SD 2.x model (1024): the miniature's SD 1.x and
+    2.x share their widths, so the mismatching ControlNets come from UNets of other widths."""
+    from diffusers import UNet2DConditionModel
+
+    pipe = load_pipe(tiny_sd_path)
+    fits = controlnet.load_controlnet(controlnet.MINIATURE_CONTROLNET)
+    controlnet.check_compatible(fits, pipe.unet)  # the miniature's own: nothing raised
+    controlnet.check_compatible(fits, load_pipe(tiny_sd_v_path).unet)  # the miniature's SD 2.x has the same layout
+    control = controlnet.control_at("circle", "top left")
+    wider = UNet2DConditionModel.from_config({**pipe.unet.config, "cross_attention_dim": 48})
+    controlnet.controlnet_from_unet(wider, controlnet.MINIATURE_EMBEDDING_CHANNELS).save_pretrained(tmp_path / "wider")
+    narrower = UNet2DConditionModel.from_config({**pipe.unet.config, "block_out_channels": (32, 32)})
+    for cn, name, says in [
+            (controlnet.load_controlnet(tmp_path / "wider"), tmp_path / "wider",
+             "cross_attention_dim is 48 in the ControlNet, 32 in the model"),
+            (controlnet.controlnet_from_unet(narrower, controlnet.MINIATURE_EMBEDDING_CHANNELS), "(built in this session)",
+             "block_out_channels is (32, 32) in the ControlNet, (32, 64) in the model")]:
+        with pytest.raises(ValueError, match=re.escape(f"ControlNet {name} was not made for the model {tiny_sd_path}: "
+                                                       f"{says}.")) as raised:
+            controlnet.generate(pipe, cn, ["a red circle on a white background"], [control], [0], steps=2)
+        assert f"SD 1.x ControlNets such as {controlnet.SD15_CANNY} for SD 1.x models" in str(raised.value)
 
 
 def test_a_trained_controlnet_puts_the_shape_where_the_control_says(tiny_sd_path, tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from sdcourse import lora, models
 
@@ -185,3 +185,60 @@ def test_a_fused_locon_draws_what_the_adapter_draws(tiny_sd_path, tmp_path):
     x, t, text = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([500]), torch.randn(1, 77, 32, generator=gen)
     with torch.no_grad():
         torch.testing.assert_close(fused(x, t, text).sample, unet(x, t, text).sample, atol=1e-4, rtol=1e-4)
+
+
+def test_fuse_into_scales_by_the_saved_alpha_over_rank(tiny_sd_path, tmp_path):
+    """A LoRA of alpha 8 at rank 4 (scale 2), its to_k layers rank 2 and its to_v layers alpha 1 (peft's
+    rank_pattern and alpha_pattern): fused, it draws what peft's adapter draws; diffusers loads it the same, and
+    the export for the web UIs carries the same scales."""
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    base_state = {k: v.clone() for k, v in unet.state_dict().items()}
+    torch.manual_seed(0)  # init_lora_weights=False: B random too, as after training
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, rank_pattern={"to_k": 2}, alpha_pattern={"to_v": 1},
+                                init_lora_weights=False, target_modules=lora.TARGET_MODULES))
+    lora.save_lora(unet, tmp_path / "lora")
+    assert lora.adapter_settings(tmp_path / "lora")["lora_alpha"] == 8
+    fused = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    fused.load_state_dict(lora.fuse_into(base_state, tmp_path / "lora"))
+    plain = UNet2DConditionModel.from_pretrained(tiny_sd_path, subfolder="unet")
+    pipe = models.load_pipeline(tiny_sd_path)
+    pipe.load_lora_weights(tmp_path / "lora", weight_name=lora.WEIGHT_NAME)
+    gen = torch.Generator().manual_seed(1)
+    x, t, text = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([500]), torch.randn(1, 77, 32, generator=gen)
+    with torch.no_grad():
+        expected = unet(x, t, text).sample
+        assert (expected - plain(x, t, text).sample).abs().max() > 1e-2  # the adapter changes the prediction
+        torch.testing.assert_close(fused(x, t, text).sample, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(pipe.unet(x, t, text).sample, expected, atol=1e-4, rtol=1e-4)
+    # The web UIs add (alpha / rank) * up @ down from kohya's file: each layer's delta the same as peft's.
+    kohya = load_file(lora.export_kohya(tmp_path / "lora", tmp_path / "webui" / "scaled.safetensors"))
+    fused_state, names = fused.state_dict(), {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): k
+                                              for k in base_state}
+    downs = [k for k in kohya if k.endswith(".lora_down.weight")]
+    assert len(downs) == 14 * 4
+    for key in downs:
+        layer = key.removesuffix(".lora_down.weight")
+        down, up, alpha = kohya[key], kohya[layer + ".lora_up.weight"], kohya[layer + ".alpha"]
+        weight = names[layer]
+        torch.testing.assert_close(base_state[weight] + alpha / down.shape[0] * up @ down, fused_state[weight])
+    assert [float(kohya[f"lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_{m}.alpha"])
+            for m in ("to_q", "to_k", "to_v")] == [8, 8, 1]  # rank 4, 2, 4: scales 2, 4, 1/4
+
+
+def test_a_lora_saved_without_its_settings_fuses_as_alpha_equals_rank(unet_with_trained_lora, tmp_path):
+    """Older saves and other tools' files carry no adapter settings: read as diffusers reads them, alpha = rank."""
+    unet, _ = unet_with_trained_lora
+    base_state = {k: v for k, v in unet.state_dict().items() if "lora_" not in k}
+    base_state = {k.replace(".base_layer", ""): v for k, v in base_state.items()}
+    lora.save_lora(unet, tmp_path / "lora")
+    weights = load_file(tmp_path / "lora" / lora.WEIGHT_NAME)
+    (tmp_path / "bare").mkdir()
+    save_file(weights, tmp_path / "bare" / lora.WEIGHT_NAME)  # the same weights, no metadata
+    assert lora.adapter_settings(tmp_path / "bare") == {}
+    module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    layer = unet.get_submodule(module)
+    a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    fused = lora.fuse_into(base_state, tmp_path / "bare")[module + ".weight"]
+    torch.testing.assert_close(fused, base_state[module + ".weight"] + b @ a)

@@ -1,6 +1,7 @@
 """UNet fine-tuning on the tiny models and the sample data (CPU, fp32): it learns, it resumes exactly,
 it survives bad data and crashes, and the fused optimizer step is the ordinary step."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -241,6 +242,24 @@ def test_memory_estimate_counts_what_the_fused_step_saves(tiny_sd_path):
     assert math.isclose(ordinary.total - fused.total, 4 * (n - largest) / 2**30)
     uncached = memory.estimate_peak(unet, 10**9, fused_step=True, **{**settings, "cache_latents": False})
     assert math.isclose(uncached.total - fused.total, 2 * 10**9 / 2**30)
+
+
+def test_a_cpu_run_says_its_memory_estimate_is_for_a_gpu(tmp_path, tiny_sd_path, sample_dir, capsys):
+    result = train.train(config(tmp_path, tiny_sd_path, sample_dir, max_steps=1))
+    out = capsys.readouterr().out
+    assert result.estimate.on_cpu
+    assert "Estimated peak GPU memory that these settings would need on a GPU (this run is on the CPU" in out
+    assert str(result.estimate) in out
+    on_gpu = dataclasses.replace(result.estimate, on_cpu=False)
+    assert str(on_gpu).startswith("Estimated peak GPU memory (an estimate, see sdcourse/memory.py):")
+    assert str(on_gpu).splitlines()[1:] == str(result.estimate).splitlines()[1:]  # the same figures
+
+
+def test_the_progress_bar_speed_reads_for_slow_steps_too():
+    assert train.speed_text(8, 2.0) == "4.0 img/s"
+    assert train.speed_text(1, 47.0) == "47.0 s/img"  # a CPU's full-size step; at one decimal 0.021 img/s read 0.0
+    assert train.speed_text(3, 4.5) == "1.5 s/img"
+    assert train.speed_text(0, 5.0) == "-"
 
 
 def test_loss_scaler_halves_on_overflow_and_grows_back():
