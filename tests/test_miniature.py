@@ -49,3 +49,25 @@ def test_draw_names_what_it_does_not_know():
 def test_base_miniature_draws_combinations_it_saw(miniature, prediction_type, style):
     rate = world.hit_rate(miniature(prediction_type), world.expectations(BASE, style))
     assert rate >= 0.5, f"{prediction_type}: right colour and shape in {rate:.0%} of the 45 seen prompts"
+
+
+def test_the_starting_noise_average_pulls_the_miniature_off_its_prompt(miniature):
+    """Why notebook 03's smoke fine-tune uses noise_offset: an 8x8 latent's per-channel noise average
+    varies 8x more than SD 1.5's 64x64 one, and the base miniature (trained on plain noise) reads it as
+    the picture's colour. The same seeds with each channel's average removed draw the base world right
+    far more often. Measured: 64 % from the plain noise, 82 % from the centred noise (colour alone: 89 %
+    and 98 %)."""
+    import torch
+
+    pipe = miniature()
+    expected = world.expectations(BASE)
+    noise = torch.cat([torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+                       for seed in range(len(expected))])
+    rates = []
+    for start in (noise, noise - noise.mean(dim=(2, 3), keepdim=True)):
+        images = pipe([prompt for prompt, _, _ in expected], num_inference_steps=20, guidance_scale=7.5,
+                      height=64, width=64, latents=start).images
+        rates.append(sum(world.check(im).matches(colour, shape) for (_, colour, shape), im in zip(expected, images))
+                     / len(expected))
+    plain, centred = rates
+    assert centred >= plain + 0.1, f"right colour and shape: {plain:.0%} from plain noise, {centred:.0%} centred"

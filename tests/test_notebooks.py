@@ -40,20 +40,24 @@ def test_notebook_runs_in_smoke_mode(path, course_outputs, tmp_path):
 
 def test_the_course_fine_tune_taught_the_miniature_purple(course_outputs, miniature):
     """Notebook 03's smoke fine-tune, run above in the course's order on notebook 01's tag-captioned sample,
-    makes the miniature draw the colour it had never seen; measured from pixels by world.check."""
+    makes the miniature draw the colour it had never seen; measured from pixels by world.check. Asked in
+    its captions' words (booru tags) it draws purple mostly; asked in sentences, which never showed it
+    purple, less often. Measured (600 steps, noise offset 0.5): tags 67 %, sentences 25 %, before 3-6 %."""
     from diffusers import UNet2DConditionModel
     from sdcourse import world
 
     final = course_outputs / "finetune" / "final"
     assert (final / "model_index.json").exists(), "notebook 03 did not run (run the whole file)"
     purple = [("purple", shape, background) for shape in world.BASE_SHAPES for background in world.BACKGROUNDS]
-    prompts = [(prompt, "purple", None) for style in (world.caption, world.tag_caption)
-               for prompt, _, _ in world.expectations(purple, style)] * 2  # two seeds each: 36 pictures
+    asked = {style.__name__: [(prompt, "purple", None) for prompt, _, _ in world.expectations(purple, style)] * 4
+             for style in (world.tag_caption, world.caption)}  # four seeds each: 36 pictures per style
     pipe = miniature()
-    before = world.hit_rate(pipe, prompts)
+    before = {style: world.hit_rate(pipe, prompts) for style, prompts in asked.items()}
     pipe.unet = UNet2DConditionModel.from_pretrained(final, subfolder="unet")
-    after = world.hit_rate(pipe, prompts)
-    assert before <= 0.1 and after >= 0.2, f"purple drawn: {before:.0%} before, {after:.0%} after"
+    after = {style: world.hit_rate(pipe, prompts) for style, prompts in asked.items()}
+    said = f"purple drawn, tags / sentences: {before} before, {after} after"
+    assert max(before.values()) <= 0.1, said
+    assert after["tag_caption"] >= 0.5 and after["caption"] >= before["caption"] + 0.1, said
 
 
 @pytest.mark.parametrize("number, smoke, needs", [("04", True, "run notebook 03 first"),
