@@ -71,6 +71,38 @@ def write_metadata(dataset_dir: str | Path, table: pd.DataFrame, sidecars: bool 
     return path
 
 
+def subset(dataset_dir: str | Path, word: str, out_dir: str | Path) -> Path:
+    """The images whose caption or booru tags hold ``word`` (a whole word, any case; ``hatsune miku``
+    also finds the tag ``hatsune_miku``), copied with their rows into a dataset of their own in
+    ``out_dir``: what a LoRA of one concept (a character, a style, a colour) trains on. An empty
+    ``word`` keeps the whole dataset and returns ``dataset_dir`` itself."""
+    from .runtime import atomic_dir
+
+    word = " ".join(word.replace("_", " ").split())
+    if not word:
+        return Path(dataset_dir)
+    table = read_metadata(dataset_dir)
+    pattern = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
+    texts = table.get("text", pd.Series([""] * len(table))).str.replace("_", " ")
+    tags = table.get("tags", pd.Series([""] * len(table))).str.replace("_", " ")
+    chosen = table[[bool(pattern.search(f"{text} {tag}")) for text, tag in zip(texts, tags)]]
+    missing = [name for name in chosen["file_name"] if not (Path(dataset_dir) / name).is_file()]
+    if missing:  # reported and left out, as training would skip them
+        print(f"Not found, left out: {', '.join(missing)} (in {dataset_dir})")
+        chosen = chosen[~chosen["file_name"].isin(missing)]
+    if chosen.empty:
+        raise ValueError(f"No caption or tag in {Path(dataset_dir) / 'metadata.csv'} holds the word {word!r}. "
+                         "Choose a word its captions use (notebook 02 shows them), or leave it empty to train on "
+                         "the whole dataset.")
+    with atomic_dir(out_dir) as tmp:  # an interrupted copy never leaves half a dataset behind
+        for name in chosen["file_name"]:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(dataset_dir) / name, tmp / name)
+        write_metadata(tmp, chosen, sidecars=False)
+    print(f"{len(chosen)} of {len(table)} images hold {word!r}: {out_dir}")
+    return Path(out_dir)
+
+
 # --- Cleaning -------------------------------------------------------------------------------------
 
 @dataclass

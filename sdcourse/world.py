@@ -186,6 +186,13 @@ def expectations(combos, style=caption) -> list[tuple[str, str, str]]:
     return [(style(shape, colour, background), colour, shape) for colour, shape, background in combos]
 
 
+def colour_prompts(colour: str, style=caption, repeat: int = 4) -> list[tuple[str, str, None]]:
+    """``colour`` asked on every base shape and background, ``repeat`` times over (for ``hit_rate``,
+    one seed each): what counts is the colour, any shape."""
+    combos = [(colour, shape, background) for shape in BASE_SHAPES for background in BACKGROUNDS]
+    return [(prompt, colour, None) for prompt, _, _ in expectations(combos, style)] * repeat
+
+
 def hit_rate(pipe, expected, seed: int = 0, steps: int = 20, guidance_scale: float = 7.5, batch: int = 16) -> float:
     """Share of ``expected`` (prompt, colour, shape) that ``pipe`` draws right, one picture each with
     seeds ``seed``, ``seed + 1``, ... (drawn on the CPU: the same everywhere). A colour or shape of

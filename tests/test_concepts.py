@@ -1,4 +1,5 @@
-"""Notebook 06's three methods each teach the miniature its concept, measured by ``world.check``.
+"""Notebook 06's DreamBooth and Textual Inversion each teach the miniature the sample subject, measured
+by ``world.check``. (Its LoRA is measured on the course run itself, in test_notebooks.py.)
 
 Each test runs the course's own functions with notebook 06's smoke settings (the same numbers: keep
 them in step with the notebook) and compares ``world.hit_rate`` before and after. The thresholds leave
@@ -24,22 +25,6 @@ def pipe(tiny_sd_path):
 
 def rate(pipe, expected):
     return world.hit_rate(pipe, expected, steps=SAMPLE_STEPS)
-
-
-def test_lora_on_the_sample_brings_purple(pipe, tiny_sd_path, sample_dir, tmp_path):
-    cfg = TrainConfig(model=tiny_sd_path, dataset=str(sample_dir), output_dir=str(tmp_path), lr=1e-2, max_steps=60,
-                      checkpoint_every=30, **SMOKE)
-    result = train(cfg)
-    pipe.load_lora_weights(result.final_dir, weight_name=lora.WEIGHT_NAME, adapter_name="course")
-    purple = [(world.caption(shape, "purple", background), "purple", None)
-              for shape in world.BASE_SHAPES for background in world.BACKGROUNDS] * 4
-    pipe.set_adapters(["course"], adapter_weights=[0.0])
-    before = rate(pipe, purple)
-    pipe.set_adapters(["course"], adapter_weights=[1.0])
-    after = rate(pipe, purple)
-    # Measured: 1 of 36 purple at weight 0, 6 of 36 at weight 1. On the miniature purple comes in slowly,
-    # through a blue-violet that the checker still reads as blue.
-    assert before <= 0.1 and after >= 0.1, f"purple drawn: {before:.0%} at LoRA weight 0, {after:.0%} at 1"
 
 
 @pytest.fixture

@@ -191,6 +191,33 @@ def test_metadata_csv_rows_naming_missing_files_are_reported(tmp_path):
     assert data.read_metadata(out)["text"].tolist() == ["a red circle, on white"]
 
 
+def test_subset_keeps_the_images_whose_caption_or_tags_hold_the_word(tmp_path):
+    source = tmp_path / "dataset"
+    (source / "images").mkdir(parents=True)
+    rows = [("a.png", "purple circle, white background", "purple_circle white_background"),
+            ("b.png", "a red square", "red_square"),
+            ("c.png", "a girl", "hatsune_miku 1girl"),
+            ("d.png", "purplish haze", ""),  # "purple" only inside a longer word
+            ("gone.png", "a Purple star", "")]  # named in metadata.csv, not on disk
+    for name, _, _ in rows[:-1]:
+        (source / "images" / name).write_bytes(png_bytes(shape(seed=len(name))))
+    pd.DataFrame([(f"images/{n}", t, g) for n, t, g in rows], columns=["file_name", "text", "tags"]).to_csv(
+        source / "metadata.csv", index=False)
+    purple = data.subset(source, "PURPLE", tmp_path / "purple")
+    table = data.read_metadata(purple)
+    assert table["file_name"].tolist() == ["images/a.png"]  # whole words, any case; the missing file left out
+    assert (purple / "images" / "a.png").read_bytes() == (source / "images" / "a.png").read_bytes()
+    assert not (purple / "images" / "b.png").exists()
+    assert data.read_metadata(data.subset(source, "hatsune miku", tmp_path / "miku"))["file_name"].tolist() == ["images/c.png"]
+    assert data.subset(source, "  ", tmp_path / "all") == source  # empty: the whole dataset, nothing copied
+    assert not (tmp_path / "all").exists()
+    with pytest.raises(ValueError, match=r"metadata.csv holds the word 'pink'"):
+        data.subset(source, "pink", tmp_path / "pink")
+    data.subset(source, "red", tmp_path / "purple")  # a new subset replaces the old one whole
+    assert data.read_metadata(tmp_path / "purple")["file_name"].tolist() == ["images/b.png"]
+    assert not (tmp_path / "purple" / "images" / "a.png").exists()
+
+
 def test_metadata_csv_without_file_name_column_says_so(tmp_path):
     (tmp_path / "x.png").write_bytes(png_bytes(shape()))
     (tmp_path / "metadata.csv").write_text("image,caption\nx.png,hi\n")

@@ -48,9 +48,8 @@ def test_the_course_fine_tune_taught_the_miniature_purple(course_outputs, miniat
 
     final = course_outputs / "finetune" / "final"
     assert (final / "model_index.json").exists(), "notebook 03 did not run (run the whole file)"
-    purple = [("purple", shape, background) for shape in world.BASE_SHAPES for background in world.BACKGROUNDS]
-    asked = {style.__name__: [(prompt, "purple", None) for prompt, _, _ in world.expectations(purple, style)] * 4
-             for style in (world.tag_caption, world.caption)}  # four seeds each: 36 pictures per style
+    asked = {style.__name__: world.colour_prompts("purple", style)  # four seeds each: 36 pictures per style
+             for style in (world.tag_caption, world.caption)}
     pipe = miniature()
     before = {style: world.hit_rate(pipe, prompts) for style, prompts in asked.items()}
     pipe.unet = UNet2DConditionModel.from_pretrained(final, subfolder="unet")
@@ -58,6 +57,30 @@ def test_the_course_fine_tune_taught_the_miniature_purple(course_outputs, miniat
     said = f"purple drawn, tags / sentences: {before} before, {after} after"
     assert max(before.values()) <= 0.1, said
     assert after["tag_caption"] >= 0.5 and after["caption"] >= before["caption"] + 0.1, said
+
+
+def test_the_course_lora_taught_the_miniature_purple_and_left_red_alone(course_outputs, miniature):
+    """Notebook 06's smoke LoRA, trained on the course dataset's purple pictures (CONCEPT), draws purple
+    mostly when asked in its captions' words, and red prompts still draw red about as often as before.
+    Measured (300 steps, lr 3e-3, noise offset 0.5): FIGURES."""
+    from sdcourse import lora, world
+
+    final = course_outputs / "lora" / "final"
+    assert (final / lora.WEIGHT_NAME).exists(), "notebook 06 did not run (run the whole file)"
+    asked = {"purple tags": world.colour_prompts("purple", world.tag_caption),
+             "purple sentences": world.colour_prompts("purple", world.caption),
+             "red tags": world.colour_prompts("red", world.tag_caption)}
+    pipe = miniature()
+    pipe.load_lora_weights(final, weight_name=lora.WEIGHT_NAME, adapter_name="course")
+    figures = {}
+    for w in (0.0, 1.0):
+        pipe.set_adapters(["course"], adapter_weights=[w])
+        figures[w] = {name: world.hit_rate(pipe, prompts) for name, prompts in asked.items()}
+    said = f"at LoRA weight 0: {figures[0.0]}, at 1: {figures[1.0]}"
+    assert figures[0.0]["purple tags"] <= 0.1 and figures[0.0]["purple sentences"] <= 0.1, said
+    assert figures[1.0]["purple tags"] >= 0.5, said
+    assert figures[1.0]["purple sentences"] >= figures[0.0]["purple sentences"] + 0.1, said
+    assert figures[1.0]["red tags"] >= figures[0.0]["red tags"] - 0.15, said  # one concept, the rest kept
 
 
 @pytest.mark.parametrize("number, smoke, needs", [("04", True, "run notebook 03 first"),
