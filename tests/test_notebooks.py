@@ -60,9 +60,10 @@ def test_the_course_fine_tune_taught_the_miniature_purple(course_outputs, miniat
 
 
 def test_the_course_lora_taught_the_miniature_purple_and_left_red_alone(course_outputs, miniature):
-    """Notebook 06's smoke LoRA, trained on the course dataset's purple pictures (CONCEPT), draws purple
-    mostly when asked in its captions' words, and red prompts still draw red about as often as before.
-    Measured (300 steps, lr 3e-3, noise offset 0.5): FIGURES."""
+    """Notebook 06's smoke LoRA, trained on the course dataset's 9 purple pictures (CONCEPT), draws purple
+    in about half the pictures asked in its captions' words, and red prompts still draw red as often as
+    before. Measured (300 steps, lr 3e-3, noise offset 0.5), weight 0 -> 1: purple in tags 6 % -> 53 %,
+    in sentences 3 % -> 28 %; red in tags 58 % -> 64 %."""
     from sdcourse import lora, world
 
     final = course_outputs / "lora" / "final"
@@ -78,7 +79,7 @@ def test_the_course_lora_taught_the_miniature_purple_and_left_red_alone(course_o
         figures[w] = {name: world.hit_rate(pipe, prompts) for name, prompts in asked.items()}
     said = f"at LoRA weight 0: {figures[0.0]}, at 1: {figures[1.0]}"
     assert figures[0.0]["purple tags"] <= 0.1 and figures[0.0]["purple sentences"] <= 0.1, said
-    assert figures[1.0]["purple tags"] >= 0.5, said
+    assert figures[1.0]["purple tags"] >= 0.4, said
     assert figures[1.0]["purple sentences"] >= figures[0.0]["purple sentences"] + 0.1, said
     assert figures[1.0]["red tags"] >= figures[0.0]["red tags"] - 0.15, said  # one concept, the rest kept
 
