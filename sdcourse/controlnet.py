@@ -332,8 +332,8 @@ def train_controlnet(cfg: ControlNetConfig, pairs=None, on_step=None) -> Control
     every ``cfg.checkpoint_every`` steps and at the last, each written aside and renamed, in ``output_dir`` or
     ``cfg.local_checkpoints`` with a copy of the newest in ``output_dir`` (``checkpoints.Checkpoints``); called again
     with the same ``output_dir`` it continues from the newest of either and ends with the weights of an
-    uninterrupted run. The final
-    ControlNet is written aside and renamed too: ``output_dir/controlnet`` is whole or absent."""
+    uninterrupted run. The final ControlNet is written aside and renamed too: ``output_dir/controlnet`` is whole
+    or absent."""
     if cfg.optimizer not in ("adamw8bit", "adamw"):
         raise ValueError(f"ControlNetConfig.optimizer = {cfg.optimizer!r}; choose 'adamw8bit' (bitsandbytes) or 'adamw'")
     for name in ("checkpoint_every", "keep_checkpoints", "copy_every"):
