@@ -179,11 +179,21 @@ def copy_newest(checkpoint: Path, to: Path) -> Path | None:
 class Checkpoints:
     """Where a run keeps its resumable checkpoints: ``folder``, the newest ``keep`` of them. When that is a
     fast disk that does not last, ``copies`` (on Drive) gets a copy of the newest every ``copy_every``
-    steps and at the last step."""
+    steps and at the last step. ``subfolder``: the model's folder in each (``save_checkpoint``'s)."""
     folder: Path
     keep: int
     copies: Path | None = None
     copy_every: int = 1
+    subfolder: str = "unet"
+
+    @classmethod
+    def of(cls, cfg, subfolder: str = "unet") -> "Checkpoints":
+        """Where the run ``cfg`` (a ``TrainConfig`` or a ``ControlNetConfig``) keeps them: ``output_dir/checkpoints``,
+        or ``cfg.local_checkpoints`` with the copies in ``output_dir/checkpoints``."""
+        out = Path(cfg.output_dir) / "checkpoints"
+        if cfg.local_checkpoints:
+            return cls(Path(cfg.local_checkpoints), cfg.keep_checkpoints, out, cfg.copy_every, subfolder)
+        return cls(out, cfg.keep_checkpoints, subfolder=subfolder)
 
     def newest(self) -> Path | None:
         return newest_checkpoint(self.folder, self.copies)
@@ -194,7 +204,7 @@ class Checkpoints:
                 remove_unfinished_checkpoints(folder)
 
     def save(self, step: int, unet, state: dict, ema: CpuEMA | None, last: bool) -> None:
-        saved = save_checkpoint(self.folder, step, unet, state, ema, self.keep)
+        saved = save_checkpoint(self.folder, step, unet, state, ema, self.keep, self.subfolder)
         if self.copies is not None and (step % self.copy_every == 0 or last):
             copy_newest(saved, self.copies)
 

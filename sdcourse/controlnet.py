@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from . import models, world
-from .checkpoints import newest_checkpoint, remove_unfinished_checkpoints, resume, save_checkpoint
+from .checkpoints import Checkpoints, resume
 from .latent_cache import encode_pixels, encode_texts
 from .optimizer import LossScaler, UNetOptimizer
 from .runtime import atomic_dir, compute_dtype_for, free_memory
@@ -262,7 +262,11 @@ class ControlNetConfig:
     embedding_channels: tuple[int, ...] = EMBEDDING_CHANNELS
     checkpoint_every: int = 500          # a resumable checkpoint every N steps and at the last (as TrainConfig's)
     keep_checkpoints: int = 2
-    resume: bool = True                  # continue from the newest checkpoint in output_dir if there is one
+    resume: bool = True                  # continue from the newest checkpoint (local_checkpoints or output_dir) if there is one
+    # As TrainConfig's: resumable checkpoints on a fast disk that does not last (Colab's /content) instead of
+    # output_dir; output_dir/checkpoints (on Drive) then holds only a copy of the newest, made every copy_every steps.
+    local_checkpoints: str | None = None
+    copy_every: int = 2000
 
 
 @dataclass
@@ -325,14 +329,16 @@ def train_controlnet(cfg: ControlNetConfig, pairs=None, on_step=None) -> Control
     the backward pass; fp16 autocast with loss scaling on a T4; gradient checkpointing. ``on_step(step, loss)``.
 
     Resumable as ``train.train``: a checkpoint (the ControlNet's weights, the optimizer, the data order, the losses)
-    every ``cfg.checkpoint_every`` steps and at the last, each written aside and renamed; called again with the same
-    ``output_dir`` it continues from the newest and ends with the weights of an uninterrupted run. The final
-    ControlNet is written aside and renamed too: ``output_dir/controlnet`` is whole or absent."""
+    every ``cfg.checkpoint_every`` steps and at the last, each written aside and renamed, in ``output_dir`` or
+    ``cfg.local_checkpoints`` with a copy of the newest in ``output_dir`` (``checkpoints.Checkpoints``); called again
+    with the same ``output_dir`` it continues from the newest of either and ends with the weights of an
+    uninterrupted run. The final ControlNet is written aside and renamed too: ``output_dir/controlnet`` is whole
+    or absent."""
     if cfg.optimizer not in ("adamw8bit", "adamw"):
         raise ValueError(f"ControlNetConfig.optimizer = {cfg.optimizer!r}; choose 'adamw8bit' (bitsandbytes) or 'adamw'")
-    if cfg.checkpoint_every < 1 or cfg.keep_checkpoints < 1:
-        raise ValueError(f"ControlNetConfig.checkpoint_every ({cfg.checkpoint_every}) and keep_checkpoints "
-                         f"({cfg.keep_checkpoints}) must be at least 1")
+    for name in ("checkpoint_every", "keep_checkpoints", "copy_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"ControlNetConfig.{name} must be at least 1, got {getattr(cfg, name)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype_for(cfg.mixed_precision, device)
     pairs = world_pairs(cfg.pictures, cfg.size, cfg.control, cfg.seed) if pairs is None else list(pairs)
@@ -354,10 +360,9 @@ def train_controlnet(cfg: ControlNetConfig, pairs=None, on_step=None) -> Control
     m.text_encoder.to("cpu")
     free_memory()
 
-    saved = Path(cfg.output_dir) / "checkpoints"
-    if saved.is_dir():
-        remove_unfinished_checkpoints(saved)
-    start = newest_checkpoint(saved) if cfg.resume else None
+    checkpoints = Checkpoints.of(cfg, subfolder="controlnet")
+    checkpoints.remove_unfinished()
+    start = checkpoints.newest() if cfg.resume else None
     if start is None:
         controlnet = controlnet_from_unet(m.unet, cfg.embedding_channels,
                                           2 ** (len(m.vae.config.block_out_channels) - 1), cfg.seed)
@@ -397,9 +402,9 @@ def train_controlnet(cfg: ControlNetConfig, pairs=None, on_step=None) -> Control
         if on_step is not None:
             on_step(step + 1, losses[-1])
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(saved, step + 1, controlnet, {"step": step + 1, "optimizer": optimizer.state_dict(),
-                                                          "losses": losses, "order": order.get_state()},
-                            None, cfg.keep_checkpoints, subfolder="controlnet")
+            checkpoints.save(step + 1, controlnet, {"step": step + 1, "optimizer": optimizer.state_dict(),
+                                                    "losses": losses, "order": order.get_state()},
+                             None, last=step + 1 == cfg.steps)
     folder = Path(cfg.output_dir) / "controlnet"
     with atomic_dir(folder) as tmp:
         controlnet.save_pretrained(tmp, safe_serialization=True)
@@ -415,17 +420,35 @@ def miniature_config(model: str, output_dir: str) -> ControlNetConfig:
                             embedding_channels=MINIATURE_EMBEDDING_CHANNELS)
 
 
+def controlnet_shape(unet):
+    """The ControlNet ``controlnet_from_unet`` makes from ``unet`` (SD's conditioning embedding), on the meta
+    device: its parameters' shapes, no memory."""
+    from diffusers import ControlNetModel
+
+    with torch.device("meta"):
+        return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBEDDING_CHANNELS,
+                                         load_weights_from_unet=False)
+
+
+def controlnet_parameters(sd2: bool = False) -> int:
+    """Parameters of SD 1.5's (or SD 2's) ControlNet, counted on the meta device (no memory, no download)."""
+    from diffusers import UNet2DConditionModel
+
+    from .memory import SD2_UNET_CONFIG, SD15_UNET_CONFIG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**(SD2_UNET_CONFIG if sd2 else SD15_UNET_CONFIG))
+    return sum(p.numel() for p in controlnet_shape(unet).parameters())
+
+
 def estimate_training_memory(batch_size: int = 1, size: int = 512):
     """Estimated peak GPU memory of training SD 1.5's ControlNet with ``train_controlnet``'s recipe (fp16
     autocast, 8-bit AdamW stepped in the backward pass, gradient checkpointing, cached latents and text
     embeddings), from the shapes alone (PyTorch's meta device: no download, no memory)."""
-    from diffusers import ControlNetModel
-
     from . import memory
 
     unet = memory.sd15_unet_shape()
-    with torch.device("meta"):
-        cn = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    cn = controlnet_shape(unet)
     part = memory.estimate_peak(cn, memory.SD15_FROZEN_PARAMS, batch_size=batch_size, width=size, height=size,
                                 half_precision=True, optimizer="adamw8bit", fused_step=True,
                                 gradient_checkpointing=True, cache_latents=True).parts

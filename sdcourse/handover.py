@@ -200,11 +200,33 @@ def plan_checkpoints(cfg, rt: Runtime, on_colab_disk: bool = True) -> None:
         size = checkpoint_bytes(n, cfg.optimizer)
         print(f"  {name}: {n:,} UNet parameters -> {size / 1e9:.2f} GB per checkpoint, {int(FREE_DRIVE_BYTES // size)} "
               f"fit an empty free Drive (15 GB); a comparison snapshot (fp16 UNet) {2 * n / 1e9:.2f} GB")
+    _place_checkpoints(cfg, rt, on_colab_disk, "checkpoints")
+
+
+def plan_controlnet_checkpoints(cfg, rt: Runtime, on_colab_disk: bool = True) -> None:
+    """``plan_checkpoints`` for a ``controlnet.ControlNetConfig``: what its checkpoint weighs (the ControlNet's
+    parameters, not the UNet's), and on Colab with Drive the resumable ones on the runtime's disk, in a folder
+    of their own (a UNet checkpoint of notebook 03 there is no ControlNet to resume from)."""
+    from .checkpoints import checkpoint_bytes
+    from .controlnet import controlnet_parameters
+
+    print("What a resumable ControlNet checkpoint weighs, computed from parameter counts (not measured): fp32 "
+          f"ControlNet + {'8-bit ' if cfg.optimizer == 'adamw8bit' else ''}AdamW states")
+    for name, sd2 in (("SD 1.5", False), ("SD 2", True)):
+        n = controlnet_parameters(sd2)
+        size = checkpoint_bytes(n, cfg.optimizer)
+        print(f"  {name}: {n:,} ControlNet parameters -> {size / 1e9:.2f} GB per checkpoint, "
+              f"{int(FREE_DRIVE_BYTES // size)} fit an empty free Drive (15 GB)")
+    _place_checkpoints(cfg, rt, on_colab_disk, "controlnet-checkpoints")
+
+
+def _place_checkpoints(cfg, rt: Runtime, on_colab_disk: bool, local_name: str) -> None:
+    """Where the resumable checkpoints go (see ``plan_checkpoints``): ``rt.local / local_name`` with a copy on Drive."""
     print("  Each kept checkpoint plus the one being written must fit; on Drive, deleted checkpoints sit in "
           "the bin and still count for 30 days.")
     on_drive = rt.local is not None and rt.local != rt.outputs
     if on_drive and on_colab_disk:
-        cfg.local_checkpoints = str(rt.local / "checkpoints")
+        cfg.local_checkpoints = str(rt.local / local_name)
         cfg.keep_checkpoints, cfg.copy_every = 1, 4 * cfg.checkpoint_every
         free = shutil.disk_usage(rt.local).free
         print(f"Resumable checkpoints: {cfg.local_checkpoints} (this runtime's disk, {free / 1e9:.0f} GB free), "

@@ -41,10 +41,7 @@ class Run:
         self.autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
                                        cache_enabled=False)
         self.out = Path(cfg.output_dir)
-        self.checkpoints = Checkpoints(self.out / "checkpoints", cfg.keep_checkpoints)
-        if cfg.local_checkpoints:  # resumable checkpoints on the local disk, a copy of the newest in output_dir
-            self.checkpoints = Checkpoints(Path(cfg.local_checkpoints), cfg.keep_checkpoints,
-                                           copies=self.out / "checkpoints", copy_every=cfg.copy_every)
+        self.checkpoints = Checkpoints.of(cfg)  # local_checkpoints: on the local disk, a copy of the newest in output_dir
         if self.main:
             self.checkpoints.folder.mkdir(parents=True, exist_ok=True)
             (self.out / "samples").mkdir(parents=True, exist_ok=True)

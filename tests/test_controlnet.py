@@ -3,6 +3,7 @@ the UNet frozen, saved and loaded back, and measured: the shape lands where the 
 
 import random
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -113,6 +114,80 @@ def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_
     again = controlnet.train_controlnet(config("cut"), on_step=lambda step, loss: steps.append(step))
     assert steps == [3, 4] and again.losses == whole.losses  # finished: nothing trained twice
 
+
+
+def weights(folder):
+    return controlnet.load_controlnet(folder).state_dict()
+
+
+def test_checkpoints_on_the_local_disk_copied_to_drive_resume_on_a_new_runtime(tiny_sd_path, tmp_path, capsys):
+    """As notebook 07 on Colab (handover.plan_controlnet_checkpoints): the resumable checkpoints on the runtime's
+    disk, the newest copied to output_dir (Drive) every copy_every steps and at the last; a new runtime, its disk
+    empty, resumes from the copy alone and ends with the weights of an uninterrupted run."""
+    def config(out, local=None):
+        return controlnet.ControlNetConfig(model=tiny_sd_path, output_dir=str(tmp_path / out), size=64, pictures=8, steps=7,
+                                           batch_size=2, lr=1e-3, optimizer="adamw", gradient_checkpointing=False,
+                                           checkpoint_every=2, keep_checkpoints=2, copy_every=4,
+                                           local_checkpoints=local and str(tmp_path / local),
+                                           embedding_channels=controlnet.MINIATURE_EMBEDDING_CHANNELS)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_7(step, loss):
+        if step == 7:
+            raise Stop  # the session ends after step 7, before its checkpoint (the last, which would be copied)
+
+    whole = controlnet.train_controlnet(config("whole"))  # checkpoints in output_dir only, as before
+    with pytest.raises(Stop):
+        controlnet.train_controlnet(config("drive", "runtime1"), on_step=stop_at_7)
+    local, copies = tmp_path / "runtime1", tmp_path / "drive" / "checkpoints"
+    assert [d.name for d in checkpoint_dirs(local)] == ["step-000004", "step-000006"]  # keep_checkpoints=2 of 2, 4, 6
+    assert [d.name for d in checkpoint_dirs(copies)] == ["step-000004"]  # step 4 copied (copy_every=4), not 2 or 6
+    copy, original = (weights(d / "step-000004" / "controlnet") for d in (copies, local))
+    assert copy.keys() == original.keys() and all(torch.equal(copy[k], original[k]) for k in copy)
+    state = torch.load(copies / "step-000004" / "training_state.pt", weights_only=True)
+    assert state["step"] == 4 and state["losses"] == whole.losses[:4]
+    shutil.rmtree(local)  # a new runtime: its own disk is empty, only Drive remains
+    capsys.readouterr()
+    steps = []
+    resumed = controlnet.train_controlnet(config("drive", "runtime2"), on_step=lambda step, loss: steps.append(step))
+    assert f"Resuming from {copies / 'step-000004'} (step 4 of 7)" in capsys.readouterr().out
+    assert steps == [5, 6, 7] and resumed.losses == whole.losses
+    a, b = weights(whole.folder), weights(resumed.folder)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [d.name for d in checkpoint_dirs(tmp_path / "runtime2")] == ["step-000006", "step-000007"]
+    assert [d.name for d in checkpoint_dirs(copies)] == ["step-000007"]  # the last step copied, the old copy gone
+    last = weights(copies / "step-000007" / "controlnet")
+    assert all(torch.equal(last[k], a[k]) for k in a)  # the copy holds the final weights
+    assert not [p for p in tmp_path.rglob(".tmp-*")]
+
+
+def test_plan_controlnet_checkpoints_keeps_them_on_the_runtime_disk_and_says_the_controlnet_size(tmp_path, capsys, monkeypatch):
+    from sdcourse import handover, runtime
+    from sdcourse.checkpoints import checkpoint_bytes
+
+    n = controlnet.controlnet_parameters()
+    assert 355e6 < n < 365e6  # SD 1.5's ControlNet: its down and middle blocks, without the UNet's up half (860 M)
+    assert 1.0 < controlnet.controlnet_parameters(sd2=True) / n < 1.01  # SD 2's: a wider cross-attention
+    monkeypatch.delenv("SDCOURSE_LOCAL", raising=False)
+    rt = runtime.setup(smoke=True, outputs=tmp_path / "drive")
+    assert rt.local == rt.outputs  # no separate runtime disk (not Colab): checkpoints stay in output_dir
+    cfg = controlnet.ControlNetConfig(model="sd15", output_dir=str(rt.outputs / "toolbox" / "controlnet-run"))
+    capsys.readouterr()
+    handover.plan_controlnet_checkpoints(cfg, rt)
+    said = capsys.readouterr().out
+    size = checkpoint_bytes(n, "adamw8bit")
+    assert f"SD 1.5: {n:,} ControlNet parameters -> {size / 1e9:.2f} GB per checkpoint, {int(15e9 // size)} fit" in said
+    assert "2.17 GB" in said and "UNet parameters" not in said
+    assert cfg.local_checkpoints is None and (cfg.keep_checkpoints, cfg.copy_every) == (2, 2000)
+    assert f"Resumable checkpoints: {rt.outputs / 'toolbox' / 'controlnet-run' / 'checkpoints'}, every 500" in said
+    rt.local = tmp_path / "content"  # Colab with Drive: the runtime's own disk
+    rt.local.mkdir()
+    handover.plan_controlnet_checkpoints(cfg, rt)
+    assert cfg.local_checkpoints == str(rt.local / "controlnet-checkpoints")  # apart from notebook 03's UNet ones
+    assert (cfg.keep_checkpoints, cfg.copy_every) == (1, 2000)
+    assert "every 2000 steps and at the end the newest is copied to" in capsys.readouterr().out
 
 def test_a_control_image_of_the_wrong_size_is_refused_with_what_to_do(tiny_sd_path, tmp_path):
     pipe = load_pipe(tiny_sd_path)
