@@ -185,6 +185,12 @@ def wait(what: str, condition, timeout: float = 300.0, every: float = 0.5):
     raise TimeoutError(f"waited {timeout:.0f} s for {what}")
 
 
+def shoot(element, path: Path) -> None:
+    """A picture of one cell, scrolled to its top first: Chromium leaves out what is outside the window."""
+    element.parent.execute_script("arguments[0].scrollIntoView({block: 'start'})", element)
+    element.screenshot(str(path))
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -257,7 +263,7 @@ def main() -> int:
         total = [line.strip() for line in estimate.text.splitlines() if line.strip().startswith("total")]
         checks["estimate before"] = [line.strip() for line in before.splitlines() if line.strip().startswith("total")]
         checks["estimate after batch 8"] = total
-        cells[1].screenshot(str(args.out / "training_panel.png"))
+        shoot(cells[1], args.out / "training_panel.png")
         run_cell(driver, args.jupyter, cells, 4)
         output = wait("cfg's value", lambda: "".join(e.text for e in cells[4].find_elements(
             By.CSS_SELECTOR, page["stdout"])).strip().endswith(" 8") and cells[4].text, 60)
@@ -279,7 +285,7 @@ def main() -> int:
         wait("a new picture", lambda: js(PIXELS, img) != first, 120)
         caption = sampler.find_element(By.XPATH, ".//button[normalize-space()='Generate']/following-sibling::*").text
         checks["sampler caption after click"] = caption
-        sampler.screenshot(str(args.out / "sampler.png"))
+        shoot(sampler, args.out / "sampler.png")
 
         # 3. The scrubber: the readout is the frame's label; moving it changes the picture.
         scrubber = cells[3]
@@ -300,7 +306,7 @@ def main() -> int:
             wait("the next frame", lambda: js(PIXELS, img) != seen[-1][1] and readout.text != seen[-1][0], 30)
             seen.append((readout.text, js(PIXELS, img)))
         checks["scrubber readouts"] = [text for text, _ in seen]
-        scrubber.screenshot(str(args.out / "scrubber.png"))
+        shoot(scrubber, args.out / "scrubber.png")
 
         checks["labels cut"] = cut
         failures = []
