@@ -1,15 +1,17 @@
-"""The course's panels in headless Chromium, in Jupyter classic with ipywidgets 7.7.1 (Colab's).
+"""The course's panels in headless Chromium: Jupyter classic with ipywidgets 7.7.1 (Colab's), or Jupyter
+Notebook 7 (JupyterLab 4) with ipywidgets 8 (a local learner's), chosen by ``--jupyter``.
 
 Run by ``scripts/browser_test.sh`` (which makes the venv). Builds a notebook with the three panels on
-the tiny model, serves it on 127.0.0.1, runs every cell in the browser, then acts as a learner:
+the tiny model, serves it on 127.0.0.1, runs every cell in the browser, then acts as a learner, with the
+same checks in both frontends (only the page's own selectors differ, in ``FRONTENDS``):
 
 - the training panel renders, no label is cut, a new batch size changes the memory estimate and
   reaches ``cfg`` in the kernel;
-- the sampler shows its picture at its own size, and a new seed plus a click on Generate changes it;
+- the sampler shows its picture at its own size, no label cut, and a new seed plus a click on Generate changes it;
 - the step scrubber's readout is the label of the frame shown, and moving it changes the picture.
 
 Exit status 0 when every check passes; screenshots, the notebook's stderr and a JSON summary go to
-``outputs/browser/`` (or ``--out``).
+``outputs/browser/<frontend>/`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,90 @@ c.getContext('2d').drawImage(img, 0, 0); return c.toDataURL();"""
 SIZE = "const r = arguments[0].getBoundingClientRect(); return [r.width, r.height, arguments[0].naturalWidth, arguments[0].naturalHeight];"
 
 
+# What differs between the two frontends: how the server is started, how the page says the kernel is
+# ready and the cells have run, how a learner runs them, and the class names of cells and outputs. The
+# widgets' own classes (widget-vbox, widget-label, ...) are the same in ipywidgets 7 and 8.
+CLASSIC_PROMPTS = """return Jupyter.notebook.get_cells().map(c => c.input_prompt_number === undefined ? ''
+  : c.input_prompt_number === null ? '' : String(c.input_prompt_number));"""
+# JupyterLab writes "[3]:", "[*]:" or "[ ]:" in each cell's prompt.
+LAB_PROMPTS = """return Array.from(document.querySelectorAll('.jp-Notebook .jp-Cell .jp-InputPrompt'))
+  .map(e => e.textContent.replace(/[\\[\\]:\\s]/g, ''));"""
+# JupyterLab shows an error as stderr: tell it by its traceback.
+LAB_ERRORS = """return Array.from(document.querySelectorAll(
+  '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'))
+  .map(e => e.innerText).filter(t => t.includes('Traceback (most recent call last)'));"""
+FRONTENDS = {
+    "classic": {
+        "server": lambda token, root: [f"--NotebookApp.token={token}", f"--notebook-dir={root}"],
+        "kernel ready": "return !!(window.Jupyter && Jupyter.notebook && Jupyter.notebook.kernel"
+                        " && Jupyter.notebook.kernel.is_connected())",
+        "prompts": CLASSIC_PROMPTS,
+        "errors": "return Array.from(document.querySelectorAll('.output_error')).map(e => e.innerText);",
+        "cells": "#notebook-container .cell",
+        "stdout": ".output_text",
+        "stderr": ".output_stderr",
+    },
+    "lab": {
+        "server": lambda token, root: [f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}"],
+        # The toolbar's kernel indicator: idle once the kernel has started and answered.
+        "kernel ready": "const e = document.querySelector('.jp-Notebook-ExecutionIndicator');"
+                        " return !!e && e.dataset.status === 'idle';",
+        "prompts": LAB_PROMPTS,
+        "errors": LAB_ERRORS,
+        "cells": ".jp-Notebook .jp-Cell",
+        "stdout": '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stdout"]',
+        "stderr": '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]',
+    },
+}
+
+
+def lab_settings(folder: Path) -> Path:
+    """JupyterLab user settings for the test: no news or update toast over the cells (one asks on first
+    start), and every cell kept in the page (JupyterLab 4 may leave cells out of view unrendered)."""
+    files = {
+        "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false",
+                                                                           "checkForUpdates": False},
+        "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+    }
+    for name, value in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(value))
+    return folder
+
+
+def run_all(driver, jupyter: str) -> None:
+    """Run every cell as a learner does: Jupyter classic's own call, JupyterLab's Run menu."""
+    from selenium.webdriver.common.by import By
+
+    if jupyter == "classic":
+        driver.execute_script("Jupyter.notebook.execute_all_cells()")
+        return
+    # Clicked as soon as the page says idle, Run All may run only the first cell (the kernel still
+    # connecting): then every other cell keeps an empty prompt, and the learner clicks again.
+    for _ in range(5):
+        driver.find_element(By.XPATH, "//li[contains(@class,'lm-MenuBar-item')][normalize-space()='Run']").click()
+        wait("the Run menu", lambda: driver.find_elements(
+            By.XPATH, "//li[contains(@class,'lm-Menu-item')][normalize-space()='Run All Cells']"), 10)[0].click()
+        try:
+            return wait("every cell to be queued", lambda: all(driver.execute_script(FRONTENDS[jupyter]["prompts"])), 15)
+        except TimeoutError:
+            pass
+    raise TimeoutError("Run All Cells left cells unqueued, clicked 5 times")
+
+
+def run_cell(driver, jupyter: str, cells, index: int) -> None:
+    """Run one cell again: a click in it and Ctrl+Enter in JupyterLab."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    if jupyter == "classic":
+        driver.execute_script(f"Jupyter.notebook.execute_cells([{index}])")
+        return
+    cells[index].find_element(By.CSS_SELECTOR, ".jp-InputArea-editor").click()
+    ActionChains(driver).key_down(Keys.CONTROL).send_keys(Keys.ENTER).key_up(Keys.CONTROL).perform()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,10 +185,33 @@ def wait(what: str, condition, timeout: float = 300.0, every: float = 0.5):
     raise TimeoutError(f"waited {timeout:.0f} s for {what}")
 
 
+def shoot(element, path: Path) -> None:
+    """A picture of one cell, scrolled to its top first: Chromium leaves out what is outside the window."""
+    element.parent.execute_script("arguments[0].scrollIntoView({block: 'start'})", element)
+    element.screenshot(str(path))
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("notebook", "jupyterlab", "ipywidgets", "jupyterlab_widgets", "widgetsnbextension"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "browser")
+    parser.add_argument("--jupyter", choices=sorted(FRONTENDS), default="classic",
+                        help="classic: notebook 6.5 and ipywidgets 7.7.1 (Colab's); lab: Notebook 7 and ipywidgets 8")
+    parser.add_argument("--out", type=Path, help="default: outputs/browser/<jupyter>")
     args = parser.parse_args()
+    args.out = args.out or ROOT / "outputs" / "browser" / args.jupyter
+    page = FRONTENDS[args.jupyter]
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -110,43 +219,39 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="sdcourse-browser-"))
     notebook = write_notebook(work, work / "outputs")
     port, token = free_port(), secrets.token_hex(16)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg",
+               JUPYTERLAB_SETTINGS_DIR=str(lab_settings(work / "lab-settings")))
     server = subprocess.Popen(
         [sys.executable, "-m", "notebook", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
-         f"--NotebookApp.token={token}", f"--notebook-dir={work}"],
+         *page["server"](token, work)],
         env=env, stdout=open(args.out / "server.log", "w"), stderr=subprocess.STDOUT)
-    checks: dict[str, object] = {}
+    checks: dict[str, object] = {"jupyter": args.jupyter, "versions": versions()}
     driver = None
     try:
         wait("the notebook server", lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 60)
         driver = browser(work / "profile")
         driver.get(f"http://127.0.0.1:{port}/notebooks/{notebook.name}?token={token}")
         js = driver.execute_script
-        wait("the kernel", lambda: js("return !!(window.Jupyter && Jupyter.notebook && Jupyter.notebook.kernel"
-                                      " && Jupyter.notebook.kernel.is_connected())"), 120)
+        wait("the kernel", lambda: js(page["kernel ready"]), 120)
         started = time.time()
-        js("Jupyter.notebook.execute_all_cells()")
+        run_all(driver, args.jupyter)
 
-        def prompts():
-            return js("return Jupyter.notebook.get_cells().map(c => c.input_prompt_number === undefined ? null"
-                      " : String(c.input_prompt_number))")
         def finished():  # every cell ran, or one failed (the rest then never runs)
-            return (all(p not in (None, "*", "null") for p in prompts())
-                    or driver.find_elements(By.CSS_SELECTOR, ".output_error"))
+            prompts = js(page["prompts"])
+            return (prompts and all(p.isdigit() for p in prompts)) or js(page["errors"])
         wait("Run All", finished, 600, 1.0)
         checks["run all seconds"] = round(time.time() - started, 1)
-        cells = driver.find_elements(By.CSS_SELECTOR, "#notebook-container .cell")
-        errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".output_error")]
-        checks["stderr boxes"] = [e.text[:300] for e in driver.find_elements(By.CSS_SELECTOR, ".output_stderr")]
+        cells = driver.find_elements(By.CSS_SELECTOR, page["cells"])
+        errors = js(page["errors"])
+        checks["stderr boxes"] = [e.text[:300] for e in driver.find_elements(By.CSS_SELECTOR, page["stderr"])]
         assert not errors, f"cells failed: {errors}"
         driver.save_screenshot(str(args.out / "after_run_all.png"))
 
         # 1. The training panel: renders, no label cut, a value changes the estimate and reaches cfg.
-        panel = wait("the training panel", lambda: cells[1].find_elements(By.CSS_SELECTOR, ".output_area .widget-vbox"), 60)[0]
+        panel = wait("the training panel", lambda: cells[1].find_elements(By.CSS_SELECTOR, ".widget-vbox"), 60)[0]
         labels = js(CUT_LABELS, panel)
-        cut = [text for text, scroll, client in labels if scroll > client]
+        cut = {"training panel": [text for text, scroll, client in labels if scroll > client]}
         checks["training panel labels"] = len(labels)
-        checks["training panel labels cut"] = cut
         # The HTML widget's box, not its <pre>: a new value replaces what is inside.
         estimate = panel.find_element(By.XPATH, ".//div[contains(@class,'widget-html')][.//pre]")
         before = estimate.text
@@ -158,14 +263,17 @@ def main() -> int:
         total = [line.strip() for line in estimate.text.splitlines() if line.strip().startswith("total")]
         checks["estimate before"] = [line.strip() for line in before.splitlines() if line.strip().startswith("total")]
         checks["estimate after batch 8"] = total
-        cells[1].screenshot(str(args.out / "training_panel.png"))
-        js("Jupyter.notebook.execute_cells([4])")
+        shoot(cells[1], args.out / "training_panel.png")
+        run_cell(driver, args.jupyter, cells, 4)
         output = wait("cfg's value", lambda: "".join(e.text for e in cells[4].find_elements(
-            By.CSS_SELECTOR, ".output_text")).strip().endswith(" 8") and cells[4].text, 60)
+            By.CSS_SELECTOR, page["stdout"])).strip().endswith(" 8") and cells[4].text, 60)
         checks["kernel sees"] = output.splitlines()[-1]
 
         # 2. The sampler: the picture at its own size; a new seed and a click change it.
         sampler = cells[2]
+        labels = js(CUT_LABELS, sampler)
+        checks["sampler labels"] = len(labels)
+        cut["sampler"] = [text for text, scroll, client in labels if scroll > client]
         img = sampler.find_element(By.CSS_SELECTOR, ".widget-image")
         checks["sampler picture shown x natural"] = js(SIZE, img)
         first = js(PIXELS, img)
@@ -177,24 +285,32 @@ def main() -> int:
         wait("a new picture", lambda: js(PIXELS, img) != first, 120)
         caption = sampler.find_element(By.XPATH, ".//button[normalize-space()='Generate']/following-sibling::*").text
         checks["sampler caption after click"] = caption
-        sampler.screenshot(str(args.out / "sampler.png"))
+        shoot(sampler, args.out / "sampler.png")
 
         # 3. The scrubber: the readout is the frame's label; moving it changes the picture.
         scrubber = cells[3]
+        labels = js(CUT_LABELS, scrubber)
+        checks["scrubber labels"] = len(labels)
+        cut["scrubber"] = [text for text, scroll, client in labels if scroll > client]
         img = scrubber.find_element(By.CSS_SELECTOR, ".widget-image")
         readout = scrubber.find_element(By.CSS_SELECTOR, ".widget-readout")
         checks["scrubber picture shown x natural"] = js(SIZE, img)
         seen = [(readout.text, js(PIXELS, img))]
-        handle = scrubber.find_element(By.CSS_SELECTOR, ".ui-slider-handle, .noUi-handle")
-        for _ in range(3):
-            handle.send_keys(Keys.ARROW_RIGHT)
+        # A click on the track at each next frame's place, as with a mouse. (The arrow keys move the
+        # slider in Jupyter classic but not in Notebook 7, where a real key press never reaches the handle.)
+        track = scrubber.find_element(By.CSS_SELECTOR, ".ui-slider, .noUi-target")
+        width = track.size["width"]
+        for place in (1 / 3, 2 / 3, 1):
+            ActionChains(driver).move_to_element_with_offset(track, round((place - 0.5) * width) - (place == 1), 0
+                                                             ).click().perform()
             wait("the next frame", lambda: js(PIXELS, img) != seen[-1][1] and readout.text != seen[-1][0], 30)
             seen.append((readout.text, js(PIXELS, img)))
         checks["scrubber readouts"] = [text for text, _ in seen]
-        scrubber.screenshot(str(args.out / "scrubber.png"))
+        shoot(scrubber, args.out / "scrubber.png")
 
+        checks["labels cut"] = cut
         failures = []
-        if cut:
+        if any(cut.values()):
             failures.append(f"labels cut: {cut}")
         if checks["scrubber readouts"] != ["step 1 of 6", "step 2 of 6", "step 4 of 6", "step 6 of 6"]:
             failures.append(f"scrubber readouts {checks['scrubber readouts']}")
