@@ -169,8 +169,6 @@ def check_unet_fits(pipe, unet, source: str | Path = "the fine-tuned UNet") -> N
             "or set BASE_MODEL to it.")
 
 
-# SD 2's UNet differs from SD 1.5's (memory.SD15_UNET_CONFIG) in its text width and attention layout.
-SD2_UNET_CHANGES = dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
 FREE_DRIVE_BYTES = 15e9  # a free Google account's storage, shared with Gmail and Photos
 
 
@@ -179,10 +177,10 @@ def unet_parameters(sd2: bool) -> int:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from .memory import SD15_UNET_CONFIG
+    from .memory import SD2_UNET_CONFIG, SD15_UNET_CONFIG
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**{**SD15_UNET_CONFIG, **(SD2_UNET_CHANGES if sd2 else {})})
+        unet = UNet2DConditionModel(**(SD2_UNET_CONFIG if sd2 else SD15_UNET_CONFIG))
     return sum(p.numel() for p in unet.parameters())
 
 
