@@ -432,13 +432,9 @@ def controlnet_shape(unet):
 
 def controlnet_parameters(sd2: bool = False) -> int:
     """Parameters of SD 1.5's (or SD 2's) ControlNet, counted on the meta device (no memory, no download)."""
-    from diffusers import UNet2DConditionModel
+    from .memory import unet_shape
 
-    from .memory import SD2_UNET_CONFIG, SD15_UNET_CONFIG
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**(SD2_UNET_CONFIG if sd2 else SD15_UNET_CONFIG))
-    return sum(p.numel() for p in controlnet_shape(unet).parameters())
+    return sum(p.numel() for p in controlnet_shape(unet_shape(sd2)).parameters())
 
 
 def estimate_training_memory(batch_size: int = 1, size: int = 512):

@@ -174,30 +174,20 @@ FREE_DRIVE_BYTES = 15e9  # a free Google account's storage, shared with Gmail an
 
 def unet_parameters(sd2: bool) -> int:
     """Parameters of SD 1.5's or SD 2's UNet, counted on the meta device (no memory, no download)."""
-    import torch
-    from diffusers import UNet2DConditionModel
+    from .memory import unet_shape
 
-    from .memory import SD2_UNET_CONFIG, SD15_UNET_CONFIG
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**(SD2_UNET_CONFIG if sd2 else SD15_UNET_CONFIG))
-    return sum(p.numel() for p in unet.parameters())
+    return sum(p.numel() for p in unet_shape(sd2).parameters())
 
 
 def plan_checkpoints(cfg, rt: Runtime, on_colab_disk: bool = True) -> None:
     """Say what a checkpoint weighs and how many fit, and, when the outputs are on Drive and
     ``on_colab_disk``, keep the resumable checkpoints on the runtime's own disk (keep_checkpoints=1)
     with a copy of the newest on Drive every 4 checkpoints: what a free Drive can hold."""
-    from .checkpoints import checkpoint_bytes
-
     print("What a resumable checkpoint weighs, computed from parameter counts (benchmarks/rehearsal.py measured "
           "5.19 GB for SD 1.5 and 5.23 GB for SD 2 with 8-bit AdamW, within 1 % of this): fp32 UNet + "
           f"{'8-bit ' if cfg.optimizer == 'adamw8bit' else ''}AdamW states")
-    for name, sd2 in (("SD 1.5", False), ("SD 2", True)):
-        n = unet_parameters(sd2)
-        size = checkpoint_bytes(n, cfg.optimizer)
-        print(f"  {name}: {n:,} UNet parameters -> {size / 1e9:.2f} GB per checkpoint, {int(FREE_DRIVE_BYTES // size)} "
-              f"fit an empty free Drive (15 GB); a comparison snapshot (fp16 UNet) {2 * n / 1e9:.2f} GB")
+    _print_checkpoint_sizes("UNet", unet_parameters, cfg.optimizer,
+                            snapshot=lambda n: f"; a comparison snapshot (fp16 UNet) {2 * n / 1e9:.2f} GB")
     _place_checkpoints(cfg, rt, on_colab_disk, "checkpoints")
 
 
@@ -205,17 +195,23 @@ def plan_controlnet_checkpoints(cfg, rt: Runtime, on_colab_disk: bool = True) ->
     """``plan_checkpoints`` for a ``controlnet.ControlNetConfig``: what its checkpoint weighs (the ControlNet's
     parameters, not the UNet's), and on Colab with Drive the resumable ones on the runtime's disk, in a folder
     of their own (a UNet checkpoint of notebook 03 there is no ControlNet to resume from)."""
-    from .checkpoints import checkpoint_bytes
     from .controlnet import controlnet_parameters
 
     print("What a resumable ControlNet checkpoint weighs, computed from parameter counts (not measured): fp32 "
           f"ControlNet + {'8-bit ' if cfg.optimizer == 'adamw8bit' else ''}AdamW states")
-    for name, sd2 in (("SD 1.5", False), ("SD 2", True)):
-        n = controlnet_parameters(sd2)
-        size = checkpoint_bytes(n, cfg.optimizer)
-        print(f"  {name}: {n:,} ControlNet parameters -> {size / 1e9:.2f} GB per checkpoint, "
-              f"{int(FREE_DRIVE_BYTES // size)} fit an empty free Drive (15 GB)")
+    _print_checkpoint_sizes("ControlNet", controlnet_parameters, cfg.optimizer)
     _place_checkpoints(cfg, rt, on_colab_disk, "controlnet-checkpoints")
+
+
+def _print_checkpoint_sizes(model: str, parameters, optimizer: str, snapshot=lambda n: "") -> None:
+    """For SD 1.5 and SD 2: ``parameters(sd2)`` of ``model``, what its checkpoint weighs, how many fit a free Drive."""
+    from .checkpoints import checkpoint_bytes
+
+    for name, sd2 in (("SD 1.5", False), ("SD 2", True)):
+        n = parameters(sd2)
+        size = checkpoint_bytes(n, optimizer)
+        print(f"  {name}: {n:,} {model} parameters -> {size / 1e9:.2f} GB per checkpoint, "
+              f"{int(FREE_DRIVE_BYTES // size)} fit an empty free Drive (15 GB){snapshot(n)}")
 
 
 def _place_checkpoints(cfg, rt: Runtime, on_colab_disk: bool, local_name: str) -> None:

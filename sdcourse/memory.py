@@ -48,13 +48,17 @@ SD2_UNET_CONFIG = dict(SD15_UNET_CONFIG, cross_attention_dim=1024, attention_hea
 SD2_FROZEN_PARAMS = 83_653_863 + 340_387_840
 
 
-def sd15_unet_shape():
-    """SD 1.5's UNet on the meta device: its parameters' shapes, no memory, no download."""
+def unet_shape(sd2: bool = False):
+    """SD 1.5's (or SD 2's) UNet on the meta device: its parameters' shapes, no memory, no download."""
     from diffusers import UNet2DConditionModel
     import torch
 
     with torch.device("meta"):
-        return UNet2DConditionModel(**SD15_UNET_CONFIG)
+        return UNet2DConditionModel(**(SD2_UNET_CONFIG if sd2 else SD15_UNET_CONFIG))
+
+
+def sd15_unet_shape():
+    return unet_shape(sd2=False)
 
 
 @dataclass
