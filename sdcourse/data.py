@@ -61,8 +61,21 @@ def write_metadata(dataset_dir: str | Path, table: pd.DataFrame, sidecars: bool 
     dataset_dir = Path(dataset_dir)
     path = dataset_dir / "metadata.csv"
     tmp = path.with_suffix(".csv.tmp")
-    table.to_csv(tmp, index=False, encoding="utf-8")  # csv quoting keeps commas, quotes and newlines
-    os.replace(tmp, path)
+    # The line ends the file had (Python's csv module writes \r\n, pandas \n): one caption changed is
+    # one line changed, not every line of a dataset kept in git.
+    ending = "\n"
+    if path.exists():
+        with open(path, "rb") as f:
+            ending = "\r\n" if f.readline().endswith(b"\r\n") else "\n"
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            table.to_csv(f, index=False, lineterminator=ending)  # csv quoting keeps commas, quotes and newlines
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the new, whole
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if sidecars is not False and "text" in table.columns:
         for name, text in zip(table["file_name"], table["text"]):
             txt = (dataset_dir / name).with_suffix(".txt")

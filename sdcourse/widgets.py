@@ -10,8 +10,9 @@ from __future__ import annotations
 def caption_editor(dataset_dir, column: str = "text", size: int = 320):
     """Image, caption box, Previous / Next and Save over a dataset's ``metadata.csv``.
 
-    Edits are kept as you type and move between images; Save writes metadata.csv (and the sidecar
-    .txt files, if the dataset has them). Nothing blocks: headless runs just build the panel.
+    Edits are kept as you type and move between images, and the panel counts the captions not yet
+    saved; Save writes metadata.csv atomically (and the sidecar .txt files, if the dataset has them),
+    or says why it could not. Nothing blocks: headless runs just build the panel.
     """
     from pathlib import Path
 
@@ -22,36 +23,56 @@ def caption_editor(dataset_dir, column: str = "text", size: int = 320):
 
     dataset_dir = Path(dataset_dir)
     table = data.read_metadata(dataset_dir)
+    if table.empty:
+        raise ValueError(f"{dataset_dir / 'metadata.csv'} has no rows: build the dataset first (notebook 01).")
     if column not in table.columns:
         table[column] = ""
+    on_disk = table[column].copy()  # what Save last wrote: an edit typed back to it is no edit
     picture = w.Image(format="png", width=size)
     caption = w.Textarea(layout=w.Layout(width="95%", height="70px"))
     position, status = w.Label(), w.Label()
     previous_button = w.Button(description="Previous", icon="arrow-left")
     next_button = w.Button(description="Next", icon="arrow-right")
     save_button = w.Button(description="Save", button_style="success", icon="save")
-    state = {"row": 0, "unsaved": 0}
+    state = {"row": 0, "problem": ""}
+
+    def unsaved() -> int:
+        return int((table[column] != on_disk).sum())
+
+    def report(done: str = ""):
+        count = unsaved()
+        pending = f"{count} caption(s) not saved yet" if count else ""
+        status.value = "; ".join(part for part in (state["problem"], done, pending) if part)
 
     def show(row: int):
-        state["row"] = row % len(table)
-        name = table.at[state["row"], "file_name"]
-        with Image.open(dataset_dir / name) as img:
-            thumb = img.convert("RGB")
-        thumb.thumbnail((size, size))
-        picture.value = _png_bytes(thumb)
-        caption.value = table.at[state["row"], column]
-        position.value = f"{state['row'] + 1} / {len(table)}: {name}"
+        row = row % len(table)
+        name = table.at[row, "file_name"]
+        try:  # a picture gone from the folder must not stop its caption being shown and fixed
+            with Image.open(dataset_dir / name) as img:
+                thumb = img.convert("RGB")
+            thumb.thumbnail((size, size))
+            picture.value, state["problem"] = _png_bytes(thumb), ""
+        except OSError as error:
+            picture.value, state["problem"] = b"", f"cannot show {name}: {error.strerror or error}"
+        state["row"] = row  # before the caption: the box's new text belongs to this row
+        caption.value = table.at[row, column]
+        position.value = f"{row + 1} / {len(table)}: {name}"
+        report()
 
     def on_edit(change):
         if change["new"] != table.at[state["row"], column]:
             table.at[state["row"], column] = change["new"]
-            state["unsaved"] += 1
-            status.value = f"{state['unsaved']} unsaved edit(s)"
+            report()
 
     def on_save(_):
-        path = data.write_metadata(dataset_dir, table)
-        status.value = f"Saved {state['unsaved']} edit(s) to {path}"
-        state["unsaved"] = 0
+        count = unsaved()
+        try:
+            path = data.write_metadata(dataset_dir, table)
+        except OSError as error:  # a full or disconnected Drive: the edits stay here, unsaved
+            report(f"NOT saved ({error}): try Save again")
+            return
+        on_disk[:] = table[column]
+        report(f"saved {count} caption(s) to {path}")
 
     caption.observe(on_edit, names="value")
     previous_button.on_click(lambda _: show(state["row"] - 1))

@@ -103,19 +103,61 @@ def test_caption_editor_edits_navigates_and_saves(dataset):
     buttons = {b.description: b for b in panel.children[0].children if isinstance(b, w.Button)}
     [text_box] = [c for c in panel.children if isinstance(c, w.Textarea)]
     [picture] = [c for c in panel.children if isinstance(c, w.Image)]
+    status = panel.children[-1]
     first = data.read_metadata(dataset)
+    lines = (dataset / "metadata.csv").read_bytes().splitlines(keepends=True)
     assert text_box.value == first.at[0, "text"] and bytes(picture.value).startswith(b"\x89PNG")
-    text_box.value = 'a "fixed", caption'
+    text_box.value = 'a "fixed'
+    text_box.value = 'a "fixed", caption'  # typed on: still one caption to save
+    assert status.value == "1 caption(s) not saved yet"
     buttons["Next"].click()
     assert text_box.value == first.at[1, "text"]
+    text_box.value = "typed, then typed back"
+    text_box.value = first.at[1, "text"]
+    assert status.value == "1 caption(s) not saved yet"  # row 1 is as on disk again
     buttons["Previous"].click()
+    assert text_box.value == 'a "fixed", caption'  # the unsaved edit is kept across moves
     buttons["Previous"].click()  # wraps around to the last image
     assert text_box.value == first.at[5, "text"]
     assert data.read_metadata(dataset).equals(first)  # nothing written before Save
     buttons["Save"].click()
     saved = data.read_metadata(dataset)
     assert saved.at[0, "text"] == 'a "fixed", caption' and saved.drop(index=0).equals(first.drop(index=0))
+    after = (dataset / "metadata.csv").read_bytes().splitlines(keepends=True)
+    assert after[2:] == lines[2:] and after[:1] == lines[:1] and after[1] != lines[1]  # only row 0's line
+    assert status.value.startswith("saved 1 caption(s) to ") and status.value.endswith("metadata.csv")
     assert (dataset / saved.at[0, "file_name"]).with_suffix(".txt").read_text() == 'a "fixed", caption'
+
+
+def test_caption_editor_says_what_it_cannot_show_or_save(dataset, monkeypatch):
+    import ipywidgets as w
+
+    from sdcourse import widgets
+
+    table = data.read_metadata(dataset)
+    (dataset / table.at[1, "file_name"]).unlink()  # a learner deleted a bad picture, its row is still there
+    panel = widgets.caption_editor(dataset, size=64)
+    buttons = {b.description: b for b in panel.children[0].children if isinstance(b, w.Button)}
+    [text_box] = [c for c in panel.children if isinstance(c, w.Textarea)]
+    position, status = panel.children[0].children[-1], panel.children[-1]
+    buttons["Next"].click()
+    assert position.value.startswith("2 / 6: ") and status.value.startswith(f"cannot show {table.at[1, 'file_name']}")
+    text_box.value = "its caption, fixed anyway"
+    buttons["Next"].click()
+    assert status.value == "1 caption(s) not saved yet"
+
+    def full_disk(*_):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(data, "write_metadata", full_disk)
+    buttons["Save"].click()
+    assert status.value.startswith("NOT saved (") and "No space left" in status.value
+    assert status.value.endswith("1 caption(s) not saved yet") and data.read_metadata(dataset).equals(table)
+    monkeypatch.undo()
+    buttons["Save"].click()
+    assert data.read_metadata(dataset).at[1, "text"] == "its caption, fixed anyway"
+    data.write_metadata(dataset, table.head(0))
+    with pytest.raises(ValueError, match="metadata.csv has no rows"):
+        widgets.caption_editor(dataset)
 
 
 def test_caption_fit_counts_the_captions_clip_cuts_and_shows_the_lost_words(tiny_sd_path):

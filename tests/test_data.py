@@ -183,6 +183,30 @@ def test_captions_round_trip_and_load_with_datasets(tmp_path):
     assert loaded[0]["image"].size == (128, 128)
 
 
+def test_write_metadata_keeps_the_line_ends_and_changes_only_the_edited_row(tmp_path, monkeypatch):
+    import csv
+    with open(tmp_path / "metadata.csv", "w", newline="", encoding="utf-8") as f:  # \r\n, as sample_data writes
+        csv.writer(f).writerows([["file_name", "text"], ["a.png", "a red circle"], ["b.png", TRICKY], ["c.png", "x"]])
+    before = (tmp_path / "metadata.csv").read_bytes()
+    table = data.read_metadata(tmp_path)
+    table.at[2, "text"] = "a fixed, caption"
+    data.write_metadata(tmp_path, table)
+    after = (tmp_path / "metadata.csv").read_bytes()
+    assert before.endswith(b"\r\nc.png,x\r\n") and after == before[:-len(b"c.png,x\r\n")] + b'c.png,"a fixed, caption"\r\n'
+    assert data.read_metadata(tmp_path).equals(table) and not (tmp_path / "metadata.csv.tmp").exists()
+    def disk_full(_):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(data.os, "fsync", disk_full)
+    table.at[0, "text"] = "never written"
+    with pytest.raises(OSError, match="No space"):
+        data.write_metadata(tmp_path, table)
+    assert (tmp_path / "metadata.csv").read_bytes() == after and not (tmp_path / "metadata.csv.tmp").exists()
+    monkeypatch.undo()
+    (tmp_path / "new").mkdir()
+    data.write_metadata(tmp_path / "new", table)  # a new file: pandas' \n
+    assert b"\r" not in (tmp_path / "new" / "metadata.csv").read_bytes()
+
+
 def test_metadata_csv_rows_naming_missing_files_are_reported(tmp_path):
     metadata = 'file_name,text\none.png,"a red circle, on white"\ngone.png,lost caption\n'
     report, out = clean(tmp_path, {"one.png": png_bytes(shape()), "metadata.csv": metadata.encode()})
