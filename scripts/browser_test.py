@@ -1,14 +1,20 @@
 """The course's panels in headless Chromium: Jupyter classic with ipywidgets 7.7.1 (Colab's), or Jupyter
 Notebook 7 (JupyterLab 4) with ipywidgets 8 (a local learner's), chosen by ``--jupyter``.
 
-Run by ``scripts/browser_test.sh`` (which makes the venv). Builds a notebook with the three panels on
-the tiny model, serves it on 127.0.0.1, runs every cell in the browser, then acts as a learner, with the
-same checks in both frontends (only the page's own selectors differ, in ``FRONTENDS``):
+Run by ``scripts/browser_test.sh`` (which makes the venv). Builds a notebook with the four panels on
+the tiny model and a copy of the sample data, serves it on 127.0.0.1, runs every cell in the browser,
+then acts as a learner, with the same checks in both frontends (only the page's own selectors differ,
+in ``FRONTENDS``):
 
 - the training panel renders, no label is cut, a new batch size changes the memory estimate and
   reaches ``cfg`` in the kernel;
 - the sampler shows its picture at its own size, no label cut, and a new seed plus a click on Generate changes it;
 - the step scrubber's readout is the label of the frame shown, and moving it changes the picture.
+- the caption editor (notebook 02's) renders with no label cut; Next shows the next row's picture (its
+  pixels, against the image file) and caption (as in metadata.csv); a caption typed and not saved is
+  kept through Next and Previous and counted as unsaved, metadata.csv untouched; Save changes that
+  row's line of metadata.csv and no other byte, and the caption is still there after moving away and
+  back; the repository's data/sample is never written.
 
 Exit status 0 when every check passes; screenshots, the notebook's stderr and a JSON summary go to
 ``outputs/browser/<frontend>/`` (or ``--out``).
@@ -45,6 +51,10 @@ trace = sampling.trace_denoising(pipe, "a red circle on a white background", 0, 
 grid, frames = viz.denoising_pictures(pipe, trace)
 display(widgets.step_scrubber(frames, [f"step {s} of 6" for s in trace.steps]))""",
     """print("cfg.batch_size is", cfg.batch_size)""",
+    """import shutil
+from sdcourse import sample_data
+dataset_dir = shutil.copytree(sample_data.sample_dataset_dir(), DATASET)  # the repo's data/ stays as is
+display(widgets.caption_editor(dataset_dir))""",
 ]
 
 # What a cut label looks like to the browser: its text is wider than its box.
@@ -109,21 +119,35 @@ def lab_settings(folder: Path) -> Path:
     return folder
 
 
-def run_all(driver, jupyter: str) -> None:
-    """Run every cell as a learner does: Jupyter classic's own call, JupyterLab's Run menu."""
+def run_all(driver, jupyter: str) -> int:
+    """Run every cell as a learner does: Jupyter classic's own call, JupyterLab's Run menu; the number of
+    kernel dialogs answered on the way."""
+    from selenium.common.exceptions import ElementClickInterceptedException
     from selenium.webdriver.common.by import By
 
     if jupyter == "classic":
         driver.execute_script("Jupyter.notebook.execute_all_cells()")
-        return
+        return 0
+    answered = 0
     # Clicked as soon as the page says idle, Run All may run only the first cell (the kernel still
     # connecting): then every other cell keeps an empty prompt, and the learner clicks again.
     for _ in range(5):
-        driver.find_element(By.XPATH, "//li[contains(@class,'lm-MenuBar-item')][normalize-space()='Run']").click()
+        # JupyterLab 4.6 may ask which kernel to start although the notebook names one and it has
+        # started: the learner keeps the one offered (Python 3) and clicks Select.
+        for button in driver.find_elements(By.CSS_SELECTOR, ".jp-Dialog .jp-Dialog-button.jp-mod-accept"):
+            button.click()
+            answered += 1
+            wait("the kernel after Select", lambda: not driver.find_elements(By.CSS_SELECTOR, ".jp-Dialog")
+                 and driver.execute_script(FRONTENDS[jupyter]["kernel ready"]), 120)
+        try:
+            driver.find_element(By.XPATH, "//li[contains(@class,'lm-MenuBar-item')][normalize-space()='Run']").click()
+        except ElementClickInterceptedException:  # a dialog over the menu: answered above, then again
+            continue
         wait("the Run menu", lambda: driver.find_elements(
             By.XPATH, "//li[contains(@class,'lm-Menu-item')][normalize-space()='Run All Cells']"), 10)[0].click()
         try:
-            return wait("every cell to be queued", lambda: all(driver.execute_script(FRONTENDS[jupyter]["prompts"])), 15)
+            wait("every cell to be queued", lambda: all(driver.execute_script(FRONTENDS[jupyter]["prompts"])), 15)
+            return answered
         except TimeoutError:
             pass
     raise TimeoutError("Run All Cells left cells unqueued, clicked 5 times")
@@ -142,17 +166,49 @@ def run_cell(driver, jupyter: str, cells, index: int) -> None:
     ActionChains(driver).key_down(Keys.CONTROL).send_keys(Keys.ENTER).key_up(Keys.CONTROL).perform()
 
 
+def csv_rows(path: Path) -> list[list[str]]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))[1:]
+
+
+def csv_line(row: list[str], ending: str) -> bytes:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator=ending).writerow(row)
+    return buffer.getvalue().encode()
+
+
+def pixel_gap(data_url: str, path: Path) -> int:
+    """The largest difference, 0-255, between the picture a page shows and the image file, both RGB."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    shown = Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB")
+    with Image.open(path) as img:
+        wanted = img.convert("RGB")
+    if shown.size != wanted.size:
+        return 255
+    return int(np.abs(np.asarray(shown, np.int16) - np.asarray(wanted, np.int16)).max())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def write_notebook(folder: Path, outputs: Path) -> Path:
+def write_notebook(folder: Path, outputs: Path, dataset: Path) -> Path:
     import nbformat
 
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(f"OUTPUTS = {str(outputs)!r}\n" + CELLS[0])]
+    nb.cells = [nbformat.v4.new_code_cell(f"OUTPUTS = {str(outputs)!r}\nDATASET = {str(dataset)!r}\n" + CELLS[0])]
     nb.cells += [nbformat.v4.new_code_cell(c) for c in CELLS[1:]]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     path = folder / "panels.ipynb"
@@ -217,9 +273,13 @@ def main() -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="sdcourse-browser-"))
-    notebook = write_notebook(work, work / "outputs")
+    dataset = work / "dataset"
+    notebook = write_notebook(work, work / "outputs", dataset)
+    repo_sample = (ROOT / "data" / "sample" / "metadata.csv").read_bytes()
     port, token = free_port(), secrets.token_hex(16)
+    # PYTHONPATH: the kernel imports this checkout's sdcourse, whichever checkout the venv was installed from.
     env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                JUPYTERLAB_SETTINGS_DIR=str(lab_settings(work / "lab-settings")))
     server = subprocess.Popen(
         [sys.executable, "-m", "notebook", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
@@ -234,7 +294,7 @@ def main() -> int:
         js = driver.execute_script
         wait("the kernel", lambda: js(page["kernel ready"]), 120)
         started = time.time()
-        run_all(driver, args.jupyter)
+        checks["kernel dialogs answered"] = run_all(driver, args.jupyter)
 
         def finished():  # every cell ran, or one failed (the rest then never runs)
             prompts = js(page["prompts"])
@@ -308,6 +368,62 @@ def main() -> int:
         checks["scrubber readouts"] = [text for text, _ in seen]
         shoot(scrubber, args.out / "scrubber.png")
 
+        # 4. The caption editor on a copy of the sample data: another row shows that row's picture and
+        # caption; an unsaved edit is kept across moves and said to be unsaved; Save changes that row's
+        # line of metadata.csv and no other byte.
+        editor = wait("the caption editor", lambda: cells[5].find_elements(By.CSS_SELECTOR, ".widget-vbox"), 60)[0]
+        metadata = dataset / "metadata.csv"
+        original, rows = metadata.read_bytes(), csv_rows(metadata)
+        labels = js(CUT_LABELS, editor)
+        checks["editor labels"] = len(labels)
+        cut["caption editor"] = [text for text, scroll, client in labels if scroll > client]
+        img = editor.find_element(By.CSS_SELECTOR, ".widget-image")
+        caption_box = editor.find_element(By.CSS_SELECTOR, "textarea")
+        # The panel's own labels: the readout beside the buttons, the status under the box (the text
+        # box has a hidden label of its own).
+        position = editor.find_element(By.XPATH, "./*[contains(@class,'widget-hbox')]/*[contains(@class,'widget-label')]")
+        status = editor.find_element(By.XPATH, "./*[contains(@class,'widget-label')]")
+        click = {name: editor.find_element(By.XPATH, f".//button[normalize-space()='{name}']")
+                 for name in ("Previous", "Next", "Save")}
+
+        def shows(row: int):  # the editor's readout, caption and picture, once they are row's (0-based)
+            wanted = f"{row + 1} / {len(rows)}: {rows[row][0]}"
+            wait(f"row {row + 1}", lambda: position.text == wanted, 30)
+            return position.text, caption_box.get_property("value"), pixel_gap(js(PIXELS, img), dataset / rows[row][0])
+        seen = [shows(0)]
+        click["Next"].click()
+        seen.append(shows(1))
+        checks["editor rows shown: readout, caption, pixel gap"] = seen
+        checks["editor captions in metadata.csv"] = [rows[0][1], rows[1][1]]
+        new = 'a purple circle, "fixed by hand"'
+        caption_box.send_keys(Keys.CONTROL, "a")
+        caption_box.send_keys(new)
+        wait("the unsaved count", lambda: status.text == "1 caption(s) not saved yet", 30)
+        click["Next"].click()
+        shows(2)
+        click["Previous"].click()
+        shows(1)
+        checks["editor unsaved edit after Next, Previous"] = [caption_box.get_property("value"), status.text,
+                                                              metadata.read_bytes() == original]
+        click["Save"].click()
+        wait("metadata.csv to change", lambda: metadata.read_bytes() != original, 30)
+        wait("the editor to say saved", lambda: status.text.startswith("saved"), 30)
+        checks["editor status after Save"] = status.text
+        before, after = original.splitlines(keepends=True), metadata.read_bytes().splitlines(keepends=True)
+        changed = [i for i in range(max(len(before), len(after)))
+                   if i >= len(before) or i >= len(after) or before[i] != after[i]]
+        checks["metadata.csv lines changed (0: header)"] = changed
+        checks["metadata.csv line 2 now"] = after[2].decode() if len(after) > 2 else None
+        expected = csv_line([rows[1][0], new], "\r\n" if original.endswith(b"\r\n") else "\n")
+        labels = js(CUT_LABELS, editor)  # the status now names the file
+        checks["editor labels after Save"] = len(labels)
+        cut["caption editor after Save"] = [text for text, scroll, client in labels if scroll > client]
+        click["Next"].click()
+        shows(2)
+        click["Previous"].click()
+        checks["editor caption after Save, Next, Previous"] = shows(1)[1]
+        shoot(cells[5], args.out / "caption_editor.png")
+
         checks["labels cut"] = cut
         failures = []
         if any(cut.values()):
@@ -320,6 +436,20 @@ def main() -> int:
                 failures.append(f"{name}: shown {shown_w} px wide, its own width is {natural_w}")
         if "seed 1" not in caption:
             failures.append(f"sampler caption {caption!r}")
+        for (readout, shown, gap), (name, wanted) in zip(checks["editor rows shown: readout, caption, pixel gap"], rows):
+            if shown != wanted or gap > 2:
+                failures.append(f"editor at {readout!r}: caption {shown!r} (metadata.csv: {wanted!r}), "
+                                f"picture off by {gap} of 255 from {name}")
+        if checks["editor unsaved edit after Next, Previous"] != [new, "1 caption(s) not saved yet", True]:
+            failures.append(f"unsaved edit after moving: {checks['editor unsaved edit after Next, Previous']}")
+        if changed != [2] or after[2] != expected:
+            failures.append(f"Save changed metadata.csv lines {changed}, line 2 {after[2:3]} (wanted {expected})")
+        if checks["editor caption after Save, Next, Previous"] != new:
+            failures.append(f"saved caption shown back as {checks['editor caption after Save, Next, Previous']!r}")
+        if not checks["editor status after Save"].startswith(f"saved 1 caption(s) to {metadata}"):
+            failures.append(f"editor status after Save {checks['editor status after Save']!r}")
+        if (ROOT / "data" / "sample" / "metadata.csv").read_bytes() != repo_sample:
+            failures.append("the repository's data/sample/metadata.csv changed")
         checks["failures"] = failures
     except Exception as error:
         checks["failures"] = [f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"]
