@@ -9,7 +9,7 @@ in ``FRONTENDS``):
 - the training panel renders, no label is cut, a new batch size changes the memory estimate and
   reaches ``cfg`` in the kernel;
 - the sampler shows its picture at its own size, no label cut, and a new seed plus a click on Generate changes it;
-- the step scrubber's readout is the label of the frame shown, and moving it changes the picture.
+- the step scrubber's readout is the label of the frame shown, and moving it changes the picture;
 - the caption editor (notebook 02's) renders with no label cut; Next shows the next row's picture (its
   pixels, against the image file) and caption (as in metadata.csv); a caption typed and not saved is
   kept through Next and Previous and counted as unsaved, metadata.csv untouched; Save changes that
