@@ -56,31 +56,40 @@ def read_metadata(dataset_dir: str | Path) -> pd.DataFrame:
     return table
 
 
+def _replace_text(path: Path, text: str, durable: bool = False) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: an interrupted write leaves the old
+    file or the new one, whole. ``durable`` also flushes it to the disk before the rename, so that a crash of
+    the machine cannot leave a half-written file either."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_metadata(dataset_dir: str | Path, table: pd.DataFrame, sidecars: bool | None = None) -> Path:
     """Write ``metadata.csv`` atomically; ``sidecars``: True writes a .txt per image, None updates existing ones."""
     dataset_dir = Path(dataset_dir)
     path = dataset_dir / "metadata.csv"
-    tmp = path.with_suffix(".csv.tmp")
     # The line ends the file had (Python's csv module writes \r\n, pandas \n): one caption changed is
     # one line changed, not every line of a dataset kept in git.
     ending = "\n"
     if path.exists():
         with open(path, "rb") as f:
             ending = "\r\n" if f.readline().endswith(b"\r\n") else "\n"
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            table.to_csv(f, index=False, lineterminator=ending)  # csv quoting keeps commas, quotes and newlines
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the new, whole
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # csv quoting keeps commas, quotes and newlines
+    _replace_text(path, table.to_csv(index=False, lineterminator=ending), durable=True)
     if sidecars is not False and "text" in table.columns:
         for name, text in zip(table["file_name"], table["text"]):
             txt = (dataset_dir / name).with_suffix(".txt")
             if sidecars or txt.exists():
-                txt.write_text(text, encoding="utf-8")
+                _replace_text(txt, text)
     return path
 
 

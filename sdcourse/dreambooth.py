@@ -20,9 +20,10 @@ import pandas as pd
 
 from .training_set import IMAGE_SUFFIXES
 
-# The sample data's subject: a colour the miniature's "a photo of a square" does not give (it draws
-# yellow), so what DreamBooth and Textual Inversion teach shows, and sdcourse.world.check measures it.
-SAMPLE_SUBJECT = ("blue", "square")
+# The sample data's subject: a colour the miniature's "a photo of a circle" never gives (it draws yellow),
+# so what DreamBooth and Textual Inversion teach shows, and sdcourse.world.check measures it; and its
+# best-drawn shape, so what they miss is the miniature's drawing, not the method.
+SAMPLE_SUBJECT = ("green", "circle")
 
 
 def prior_images(pipe, class_prompt: str, count: int, out_dir: str | Path, steps: int = 30,
@@ -86,8 +87,8 @@ def choose_subject(instance_dir: str | Path, class_word: str, use_sample: bool, 
         raise MissingInput(
             "DreamBooth needs photos of one subject: put 3-20 photos of it in a folder (on Colab, on Drive), set "
             "INSTANCE_DIR to it and CLASS_WORD to its class (dog, mug, ...), then run this cell again; or tick "
-            "USE_SAMPLE_SUBJECT to try it on the sample data's blue square. The Textual Inversion section below "
-            "does not need this one.")
+            f"USE_SAMPLE_SUBJECT to try it on the sample data's {' '.join(SAMPLE_SUBJECT)}. The Textual Inversion "
+            "section below does not need this one.")
     colour, shape = SAMPLE_SUBJECT
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -39,8 +39,8 @@ def test_dreambooth_names_the_subject_and_keeps_its_class(pipe, tiny_sd_path, su
     instance_prompt, class_prompt = f"a photo of sks {class_word}", f"a photo of a {class_word}"
     dreambooth.prior_images(pipe, class_prompt, 4, tmp_path / "prior", steps=SAMPLE_STEPS, size=64)
     db_dir = dreambooth.build_dataset(instance_dir, instance_prompt, tmp_path / "prior", class_prompt, tmp_path / "db")
-    cfg = TrainConfig(model=tiny_sd_path, dataset=str(db_dir), output_dir=str(tmp_path / "lora"), lr=1e-2, max_steps=30,
-                      checkpoint_every=30, **SMOKE)
+    cfg = TrainConfig(model=tiny_sd_path, dataset=str(db_dir), output_dir=str(tmp_path / "lora"), lr=1e-2, max_steps=100,
+                      checkpoint_every=50, **SMOKE)
     result = train(cfg)
     pipe.load_lora_weights(result.final_dir, weight_name=lora.WEIGHT_NAME, adapter_name="dreambooth")
     as_subject = {prompt: [(prompt, *dreambooth.SAMPLE_SUBJECT)] * 16 for prompt in (instance_prompt, class_prompt)}
@@ -48,9 +48,9 @@ def test_dreambooth_names_the_subject_and_keeps_its_class(pipe, tiny_sd_path, su
     for w in (0.0, 1.0):
         pipe.set_adapters(["dreambooth"], adapter_weights=[w])
         figures[w] = {prompt: rate(pipe, expected) for prompt, expected in as_subject.items()}
-    # Measured: "a photo of sks square" drawn as the blue square 0 of 16 before, 4 of 16 after;
-    # "a photo of a square" 0 of 16 before and after.
-    assert figures[0.0][instance_prompt] <= 0.1 and figures[1.0][instance_prompt] >= 0.125, figures
+    # Measured: "a photo of sks circle" drawn as the green circle 0 of 16 before, 12 of 16 after;
+    # "a photo of a circle" 0 of 16 before and after.
+    assert figures[0.0][instance_prompt] <= 0.1 and figures[1.0][instance_prompt] >= 0.5, figures
     assert figures[1.0][class_prompt] <= 0.125, figures  # prior preservation: the class did not become the subject
 
 
@@ -64,5 +64,5 @@ def test_textual_inversion_learns_a_word_for_the_subject(pipe, tiny_sd_path, sub
     before = rate(pipe, [(f"a photo of a {class_word}", *dreambooth.SAMPLE_SUBJECT)] * 16)
     pipe.load_textual_inversion(str(result.embedding_file), token=token)
     after = rate(pipe, [(f"a photo of a {token}", *dreambooth.SAMPLE_SUBJECT)] * 16)
-    # Measured: the blue square 0 of 16 from "a photo of a square", 4 of 16 from the new word.
-    assert before <= 0.1 and after >= 0.125, f"the subject: {before:.0%} from the class word, {after:.0%} from the new word"
+    # Measured: the green circle 0 of 16 from "a photo of a circle", 10 of 16 from the new word.
+    assert before <= 0.1 and after >= 0.4, f"the subject: {before:.0%} from the class word, {after:.0%} from the new word"

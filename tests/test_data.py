@@ -207,6 +207,24 @@ def test_write_metadata_keeps_the_line_ends_and_changes_only_the_edited_row(tmp_
     assert b"\r" not in (tmp_path / "new" / "metadata.csv").read_bytes()
 
 
+def test_write_metadata_updates_sidecar_captions_whole_or_not_at_all(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("old caption", encoding="utf-8")  # kohya-style sidecars: only a.png has one
+    table = pd.DataFrame({"file_name": ["a.png", "b.png"], "text": ["new caption", "b's caption"]})
+    data.write_metadata(tmp_path, table)
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "new caption" and not (tmp_path / "b.txt").exists()
+    table.at[0, "text"] = "never written"
+    real_replace = data.os.replace
+    def interrupted(src, dst):  # the kernel interrupted between writing a sidecar and renaming it
+        if str(dst).endswith(".txt"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+    monkeypatch.setattr(data.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.write_metadata(tmp_path, table)
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "new caption"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "metadata.csv"]  # no temporary file left
+
+
 def test_metadata_csv_rows_naming_missing_files_are_reported(tmp_path):
     metadata = 'file_name,text\none.png,"a red circle, on white"\ngone.png,lost caption\n'
     report, out = clean(tmp_path, {"one.png": png_bytes(shape()), "metadata.csv": metadata.encode()})

@@ -2,7 +2,8 @@
 img2img and inpainting with the loaded model, merges of two different models (whole and block by block).
 
 The two LoRAs are notebook 06's, trained with its smoke settings (as tests/test_concepts.py does): a
-style that brings purple and a DreamBooth subject, "sks square", the sample's blue square. The
+style that brings purple, from the sample's purple pictures, and a DreamBooth subject, "sks circle", the
+sample's green circle. The
 thresholds leave a margin to the figures measured on the shipped miniature, written beside them.
 """
 
@@ -17,14 +18,14 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from sdcourse import dreambooth, export, lora, memory, models, sampling, world
+from sdcourse import data, dreambooth, export, lora, memory, models, sampling, world
 from sdcourse.train import TrainConfig, train
 
 STEPS = 20  # notebooks 06 and 07 sample with 20 steps in smoke mode
 SMOKE = dict(width=64, height=64, num_workers=0, validate_every=0, optimizer="adamw", lora_rank=8)
 PURPLE = [(world.caption(shape, "purple", background), "purple", None)
           for shape in world.BASE_SHAPES for background in world.BACKGROUNDS] * 4  # 36 pictures
-SUBJECT = [("a photo of sks square", *dreambooth.SAMPLE_SUBJECT)] * 16
+SUBJECT = [("a photo of sks circle", *dreambooth.SAMPLE_SUBJECT)] * 16
 
 
 def load_pipe(path):
@@ -41,16 +42,17 @@ def pipe(tiny_sd_path):
 
 @pytest.fixture(scope="module")
 def loras(tiny_sd_path, sample_dir, tmp_path_factory):
-    """Notebook 06's two LoRAs: "style" (purple, from the sample) and "subject" (DreamBooth's sks square)."""
+    """Notebook 06's two LoRAs: "style" (purple, from the sample) and "subject" (DreamBooth's sks circle)."""
     root = tmp_path_factory.mktemp("loras")
-    style = train(TrainConfig(model=tiny_sd_path, dataset=str(sample_dir), output_dir=str(root / "style"), lr=1e-2,
-                              max_steps=60, checkpoint_every=60, **SMOKE)).final_dir
+    purple = data.subset(sample_dir, "purple", root / "purple")
+    style = train(TrainConfig(model=tiny_sd_path, dataset=str(purple), output_dir=str(root / "style"), lr=3e-3,
+                              max_steps=300, checkpoint_every=150, noise_offset=0.5, **SMOKE)).final_dir
     instance_dir, class_word = dreambooth.choose_subject("", "", use_sample=True, out_dir=root / "instance")
     instance_prompt, class_prompt = f"a photo of sks {class_word}", f"a photo of a {class_word}"
     dreambooth.prior_images(load_pipe(tiny_sd_path), class_prompt, 4, root / "prior", steps=STEPS, size=64)
     db_dir = dreambooth.build_dataset(instance_dir, instance_prompt, root / "prior", class_prompt, root / "db")
     subject = train(TrainConfig(model=tiny_sd_path, dataset=str(db_dir), output_dir=str(root / "subject"), lr=1e-2,
-                                max_steps=30, checkpoint_every=30, **SMOKE)).final_dir
+                                max_steps=100, checkpoint_every=50, **SMOKE)).final_dir
     return {"style": style, "subject": subject}
 
 
@@ -97,11 +99,11 @@ def test_lora_tags_load_and_weight_the_adapters(pipe, loras):
     # A prompt without tags is the plain model again: the same pictures as before any LoRA was loaded.
     after = pictures(pipe, "a purple circle on a white background", loras=loras)
     assert all(pixel_difference(a, b) == 0 for a, b in zip(base_pictures, after))
-    # Measured: purple 1 of 36 with the style at 0, 6 of 36 at 1; the sks subject 0 of 16 with the
-    # subject LoRA at 0, 4 of 16 at 1 (the figures of tests/test_concepts.py: a tag at 0 changes nothing).
+    # Measured: purple 1 of 36 with the style at 0, 21 of 36 at 1; the sks subject 0 of 16 with the
+    # subject LoRA at 0, 12 of 16 at 1 (the figures of tests/test_concepts.py: a tag at 0 changes nothing).
     (purple_off, subject_off), (purple_on, _), (_, subject_on) = weights[0, 0], weights[1, 0], weights[0, 1]
-    assert purple_off <= 0.1 and purple_on >= 0.1, weights
-    assert subject_off <= 0.1 and subject_on >= 0.125, weights
+    assert purple_off <= 0.1 and purple_on >= 0.4, weights
+    assert subject_off <= 0.1 and subject_on >= 0.5, weights
 
 
 # --- Item 7: merges of two different models ------------------------------------------------------
@@ -121,8 +123,8 @@ def test_merging_two_lora_fused_models_is_stacking_their_loras(pipe, loras):
     graft_purple = rate(pipe, PURPLE)
     pipe.unet.load_state_dict(a)
     a_purple = rate(pipe, PURPLE)
-    # Measured: purple 4 of 36 by A, 10 of 36 by the graft (as by both LoRAs stacked at 1).
-    assert graft_purple >= a_purple + 0.1, f"purple drawn: {a_purple:.0%} by A, {graft_purple:.0%} by A + (B - base)"
+    # Measured: purple 1 of 36 by A, 13 of 36 by the graft (as by both LoRAs stacked at 1).
+    assert graft_purple >= a_purple + 0.2, f"purple drawn: {a_purple:.0%} by A, {graft_purple:.0%} by A + (B - base)"
 
 
 def test_block_names_follow_the_web_ui_on_sd15():
