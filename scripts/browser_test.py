@@ -16,7 +16,8 @@ in ``FRONTENDS``):
   row's line of metadata.csv and no other byte, and the caption is still there after moving away and
   back; the repository's data/sample is never written.
 
-Exit status 0 when every check passes; screenshots, the notebook's stderr and a JSON summary go to
+Exit status 0 when every check passes; screenshots, the notebook's stderr, the browser console
+(``console.txt``) and a JSON summary (on a failure with what each cell shows) go to
 ``outputs/browser/<frontend>/`` (or ``--out``).
 """
 
@@ -68,6 +69,35 @@ c.getContext('2d').drawImage(img, 0, 0); return c.toDataURL();"""
 SIZE = "const r = arguments[0].getBoundingClientRect(); return [r.width, r.height, arguments[0].naturalWidth, arguments[0].naturalHeight];"
 
 
+# Jupyter classic's widget manager (ipywidgets 7's nbextension), once made, syncs with the kernel: it
+# opens a 'jupyter.widget.control' comm and, when the kernel closes it (ipywidgets not imported yet),
+# asks for the kernel's 'jupyter.widget' comms. Cells run before the kernel answered queue ahead of that
+# request, and its answer, on the shell channel, can overtake the last widgets' comm_open on iopub: the
+# manager then asks those widgets' state on comms of its own, and some or all of the page's widgets
+# never render (measured: Run All the moment the manager exists failed 2 of 4, every widget missing;
+# once its sync was answered, 6 of 6 passed). Installed before the page's own scripts, this counts the
+# sync's messages the page sent and those the kernel answered.
+WIDGET_SYNC = """window.sdcourseWidgetSync = {asked: 0, open: {}};
+(function hook() {
+  if (!(window.require && require.defined && require.defined('services/kernels/kernel'))) return setTimeout(hook, 1);
+  const Kernel = require('services/kernels/kernel').Kernel, sync = window.sdcourseWidgetSync;
+  const send = Kernel.prototype.send_shell_message, iopub = Kernel.prototype._handle_iopub_message;
+  Kernel.prototype.send_shell_message = function (type, content, callbacks) {
+    if (type === 'comm_open' && content.target_name === 'jupyter.widget.control') {
+      sync.asked++; sync.open[content.comm_id] = true;  // answered by the comm's close or first message
+    } else if (type === 'comm_info_request' && content.target_name === 'jupyter.widget' && callbacks) {
+      const id = 'comm_info ' + sync.asked++, reply = callbacks.shell.reply;
+      sync.open[id] = true;
+      callbacks.shell.reply = function () { delete sync.open[id]; return reply.apply(this, arguments); };
+    }
+    return send.apply(this, arguments);
+  };
+  Kernel.prototype._handle_iopub_message = function (msg) {
+    if (msg.header.msg_type === 'comm_close' || msg.header.msg_type === 'comm_msg') delete sync.open[msg.content.comm_id];
+    return iopub.apply(this, arguments);
+  };
+})();"""
+
 # What differs between the two frontends: how the server is started, how the page says the kernel is
 # ready and the cells have run, how a learner runs them, and the class names of cells and outputs. The
 # widgets' own classes (widget-vbox, widget-label, ...) are the same in ipywidgets 7 and 8.
@@ -85,6 +115,11 @@ FRONTENDS = {
         "server": lambda token, root: [f"--NotebookApp.token={token}", f"--notebook-dir={root}"],
         "kernel ready": "return !!(window.Jupyter && Jupyter.notebook && Jupyter.notebook.kernel"
                         " && Jupyter.notebook.kernel.is_connected())",
+        # Not only the widget manager there: its first sync with the kernel answered (WIDGET_SYNC).
+        "widgets ready": "const s = window.sdcourseWidgetSync; return !!(window.Jupyter && Jupyter.notebook"
+                         " && Jupyter.notebook.kernel && Jupyter.notebook.kernel.widget_manager"
+                         " && s && s.asked > 0 && !Object.keys(s.open).length)",
+        "before load": WIDGET_SYNC,
         "prompts": CLASSIC_PROMPTS,
         "errors": "return Array.from(document.querySelectorAll('.output_error')).map(e => e.innerText);",
         "cells": "#notebook-container .cell",
@@ -224,6 +259,7 @@ def browser(profile: Path):
     options.binary_location = "/usr/bin/chromium"
     # Headless as root, and quiet: this machine's network is closed, and Chromium's background
     # connections would otherwise be refused many at a time.
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--window-size=1280,1600", f"--user-data-dir={profile}"):
@@ -239,6 +275,25 @@ def wait(what: str, condition, timeout: float = 300.0, every: float = 0.5):
             return value
         time.sleep(every)
     raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+
+
+def page_state(driver, jupyter: str) -> dict[str, object]:
+    """What the page shows when a check fails: each cell's text, the kinds of output each cell got,
+    and whether the widget manager is there (the browser console goes to console.txt)."""
+    from selenium.webdriver.common.by import By
+
+    state: dict[str, object] = {}
+    try:
+        state["cells"] = [c.text[-400:] for c in driver.find_elements(By.CSS_SELECTOR, FRONTENDS[jupyter]["cells"])]
+        if jupyter == "classic":
+            state["outputs"] = driver.execute_script(
+                "return Jupyter.notebook.get_cells().map(c => (c.output_area ? c.output_area.outputs : [])"
+                ".map(o => o.output_type + ':' + Object.keys(o.data || {}).join(',')));")
+        if "widgets ready" in FRONTENDS[jupyter]:
+            state["widgets ready"] = driver.execute_script(FRONTENDS[jupyter]["widgets ready"])
+    except Exception as error:  # the page may be gone; say so rather than hide the first failure
+        state["error"] = f"{type(error).__name__}: {error}"[:300]
+    return state
 
 
 def shoot(element, path: Path) -> None:
@@ -290,9 +345,17 @@ def main() -> int:
     try:
         wait("the notebook server", lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 60)
         driver = browser(work / "profile")
+        if "before load" in page:
+            driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": page["before load"]})
         driver.get(f"http://127.0.0.1:{port}/notebooks/{notebook.name}?token={token}")
         js = driver.execute_script
+        loaded = time.time()
         wait("the kernel", lambda: js(page["kernel ready"]), 120)
+        checks["kernel ready seconds"] = round(time.time() - loaded, 1)
+        if "widgets ready" in page:
+            wait("the widget manager's first sync with the kernel", lambda: js(page["widgets ready"]), 120, 0.1)
+            checks["widgets ready seconds"] = round(time.time() - loaded, 1)
+            checks["widget sync messages answered"] = js("return window.sdcourseWidgetSync.asked")
         started = time.time()
         checks["kernel dialogs answered"] = run_all(driver, args.jupyter)
 
@@ -455,8 +518,14 @@ def main() -> int:
         checks["failures"] = [f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"]
         if driver is not None:
             driver.save_screenshot(str(args.out / "failure.png"))
+            checks["page at failure"] = page_state(driver, args.jupyter)
     finally:
         if driver is not None:
+            try:  # every run: a failure's console then reads against a passing one's
+                (args.out / "console.txt").write_text("".join(
+                    f"{e['timestamp']} {e['level']} {e['message']}\n" for e in driver.get_log("browser")))
+            except Exception as error:
+                checks["console"] = f"not read: {type(error).__name__}"
             driver.quit()
         server.terminate()
         server.wait(30)
