@@ -74,7 +74,7 @@ SIZE = "const r = arguments[0].getBoundingClientRect(); return [r.width, r.heigh
 # asks for the kernel's 'jupyter.widget' comms. Cells run before the kernel answered queue ahead of that
 # request, and its answer, on the shell channel, can overtake the last widgets' comm_open on iopub: the
 # manager then asks those widgets' state on comms of its own, and some or all of the page's widgets
-# never render (measured: Run All the moment the manager exists failed 2 of 4, every widget missing;
+# never render (measured: Run All the moment the manager exists failed 4 of 8, all or the last widgets missing;
 # once its sync was answered, 6 of 6 passed). Installed before the page's own scripts, this counts the
 # sync's messages the page sent and those the kernel answered.
 WIDGET_SYNC = """window.sdcourseWidgetSync = {asked: 0, open: {}};
