@@ -50,6 +50,31 @@ def sample_dir():
     return sample_dataset_dir()
 
 
+@pytest.fixture(scope="session")
+def sample_subject(tiny_sd_path, tmp_path_factory):
+    """Notebook 06's DreamBooth of the sample subject with its smoke settings (keep them in step with the
+    notebook), for tests/test_concepts.py and tests/test_toolbox.py: the photos' folder, the class word,
+    both prompts and the trained LoRA's folder."""
+    from types import SimpleNamespace
+
+    from sdcourse import dreambooth, models, sampling
+    from sdcourse.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("dreambooth")
+    instance_dir, class_word = dreambooth.choose_subject("", "", use_sample=True, out_dir=root / "instance")
+    instance_prompt, class_prompt = f"a photo of sks {class_word}", f"a photo of a {class_word}"
+    pipe = models.load_pipeline(tiny_sd_path)
+    pipe.set_progress_bar_config(disable=True)
+    sampling.set_scheduler(pipe, "DPM++ 2M Karras")  # as notebook 06 samples, 20 steps in smoke mode
+    dreambooth.prior_images(pipe, class_prompt, 4, root / "prior", steps=20, size=64)
+    db_dir = dreambooth.build_dataset(instance_dir, instance_prompt, root / "prior", class_prompt, root / "db")
+    lora = train(TrainConfig(model=tiny_sd_path, dataset=str(db_dir), output_dir=str(root / "lora"), lr=1e-2,
+                             max_steps=100, checkpoint_every=50, width=64, height=64, num_workers=0, validate_every=0,
+                             optimizer="adamw", lora_rank=8)).final_dir
+    return SimpleNamespace(instance_dir=instance_dir, class_word=class_word, instance_prompt=instance_prompt,
+                           class_prompt=class_prompt, lora=lora)
+
+
 @pytest.fixture
 def miniature():
     """Loads the miniature as notebook 04 samples it (DPM++ 2M Karras), to measure with ``world.hit_rate``."""

@@ -2,17 +2,15 @@
 by ``world.check``. (Its LoRA is measured on the course run itself, in test_notebooks.py.)
 
 Each test runs the course's own functions with notebook 06's smoke settings (the same numbers: keep
-them in step with the notebook) and compares ``world.hit_rate`` before and after. The thresholds leave
+them in step with the notebook; DreamBooth's are in conftest.py's ``sample_subject``) and compares ``world.hit_rate`` before and after. The thresholds leave
 a margin to the figures measured on the shipped miniature, which are written beside them.
 """
 
 import pytest
 
 from sdcourse import dreambooth, lora, models, sampling, textual_inversion, world
-from sdcourse.train import TrainConfig, train
 
 SAMPLE_STEPS = 20  # notebook 06's SAMPLE["steps"] in smoke mode
-SMOKE = dict(width=64, height=64, num_workers=0, validate_every=0, optimizer="adamw", lora_rank=8)  # and its smoke()
 
 
 @pytest.fixture
@@ -34,15 +32,9 @@ def subject(tmp_path):
     return folder, class_word
 
 
-def test_dreambooth_names_the_subject_and_keeps_its_class(pipe, tiny_sd_path, subject, tmp_path):
-    instance_dir, class_word = subject
-    instance_prompt, class_prompt = f"a photo of sks {class_word}", f"a photo of a {class_word}"
-    dreambooth.prior_images(pipe, class_prompt, 4, tmp_path / "prior", steps=SAMPLE_STEPS, size=64)
-    db_dir = dreambooth.build_dataset(instance_dir, instance_prompt, tmp_path / "prior", class_prompt, tmp_path / "db")
-    cfg = TrainConfig(model=tiny_sd_path, dataset=str(db_dir), output_dir=str(tmp_path / "lora"), lr=1e-2, max_steps=100,
-                      checkpoint_every=50, **SMOKE)
-    result = train(cfg)
-    pipe.load_lora_weights(result.final_dir, weight_name=lora.WEIGHT_NAME, adapter_name="dreambooth")
+def test_dreambooth_names_the_subject_and_keeps_its_class(pipe, sample_subject):
+    instance_prompt, class_prompt = sample_subject.instance_prompt, sample_subject.class_prompt
+    pipe.load_lora_weights(sample_subject.lora, weight_name=lora.WEIGHT_NAME, adapter_name="dreambooth")
     as_subject = {prompt: [(prompt, *dreambooth.SAMPLE_SUBJECT)] * 16 for prompt in (instance_prompt, class_prompt)}
     figures = {}
     for w in (0.0, 1.0):

@@ -23,8 +23,7 @@ from sdcourse.train import TrainConfig, train
 
 STEPS = 20  # notebooks 06 and 07 sample with 20 steps in smoke mode
 SMOKE = dict(width=64, height=64, num_workers=0, validate_every=0, optimizer="adamw", lora_rank=8)
-PURPLE = [(world.caption(shape, "purple", background), "purple", None)
-          for shape in world.BASE_SHAPES for background in world.BACKGROUNDS] * 4  # 36 pictures
+PURPLE = world.colour_prompts("purple")  # 36 pictures
 SUBJECT = [("a photo of sks circle", *dreambooth.SAMPLE_SUBJECT)] * 16
 
 
@@ -41,19 +40,13 @@ def pipe(tiny_sd_path):
 
 
 @pytest.fixture(scope="module")
-def loras(tiny_sd_path, sample_dir, tmp_path_factory):
+def loras(tiny_sd_path, sample_dir, sample_subject, tmp_path_factory):
     """Notebook 06's two LoRAs: "style" (purple, from the sample) and "subject" (DreamBooth's sks circle)."""
     root = tmp_path_factory.mktemp("loras")
     purple = data.subset(sample_dir, "purple", root / "purple")
     style = train(TrainConfig(model=tiny_sd_path, dataset=str(purple), output_dir=str(root / "style"), lr=3e-3,
                               max_steps=300, checkpoint_every=150, noise_offset=0.5, **SMOKE)).final_dir
-    instance_dir, class_word = dreambooth.choose_subject("", "", use_sample=True, out_dir=root / "instance")
-    instance_prompt, class_prompt = f"a photo of sks {class_word}", f"a photo of a {class_word}"
-    dreambooth.prior_images(load_pipe(tiny_sd_path), class_prompt, 4, root / "prior", steps=STEPS, size=64)
-    db_dir = dreambooth.build_dataset(instance_dir, instance_prompt, root / "prior", class_prompt, root / "db")
-    subject = train(TrainConfig(model=tiny_sd_path, dataset=str(db_dir), output_dir=str(root / "subject"), lr=1e-2,
-                                max_steps=100, checkpoint_every=50, **SMOKE)).final_dir
-    return {"style": style, "subject": subject}
+    return {"style": style, "subject": sample_subject.lora}
 
 
 def rate(pipe, expected, tags="", loras=None):
